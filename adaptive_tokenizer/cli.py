@@ -1,0 +1,357 @@
+"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,info}``.
+
+Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
+for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
+halt threshold was used, ``errors`` (float32 ``[N]``). Their metadata holds ``format``, ``latent_kind`` and
+``sources`` (a JSON list of the image paths). :func:`save_token_file` / :func:`load_token_file` read and write them.
+
+User errors (bad arguments, missing files, bad token files, anything the library rejects with ValueError,
+FileNotFoundError or TypeError) print one line ``adaptive-tokenizer: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor
+from tqdm import tqdm
+
+from .convert import convert_checkpoint
+from .image_io import list_image_files, load_images, to_pil
+from .tokenizer import AdaptiveTokenizer, EncodeResult, write_atomic
+
+PROG = "adaptive-tokenizer"
+TOKEN_FORMAT = "adaptive-tokenizer-tokens/1"
+USER_ERROR = 2
+
+
+class UsageError(Exception):
+    """A mistake of the user's (bad argument, missing or malformed file): reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (one line, no usage dump) instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---- token files ---------------------------------------------------------------------------------------------
+def save_token_file(path: str | os.PathLike, result: EncodeResult, sources: Sequence[str], latent_kind: str) -> None:
+    """Write ``result`` as a token file, atomically: the file appears complete or not at all."""
+    dims = {"quantized": 1, "continuous": 2}.get(latent_kind)
+    if dims is None or not len(result) or any(t.dim() != dims for t in result.tokens):
+        raise ValueError(f"save_token_file needs at least one {latent_kind} token sequence of {dims} dims "
+                         "(latent_kind is 'quantized' or 'continuous')")
+    if len(sources) != len(result):
+        raise ValueError(f"{len(sources)} sources for {len(result)} token sequences")
+    dtype = torch.int64 if latent_kind == "quantized" else torch.float32
+    tensors = {"tokens": torch.cat([t.to(dtype) for t in result.tokens]).contiguous(),
+               "num_tokens": result.num_tokens.to(torch.int64).contiguous()}
+    if result.errors is not None:
+        tensors["errors"] = result.errors.to(torch.float32).contiguous()
+    metadata = {"format": TOKEN_FORMAT, "latent_kind": latent_kind, "sources": json.dumps([str(s) for s in sources])}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save(tensors, metadata=metadata))
+
+
+def load_token_file(path: str | os.PathLike) -> tuple[list[Tensor], list[str]]:
+    """Read a token file: ``(per-image token tensors, source paths)``; ValueError names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {path} as a safetensors token file: {err}") from None
+    if metadata.get("format") != TOKEN_FORMAT:
+        raise ValueError(f"{path} is not a token file: metadata format is {metadata.get('format')!r}, "
+                         f"expected {TOKEN_FORMAT!r}")
+    return _split_tokens(str(path), tensors, metadata)
+
+
+def _split_tokens(where: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[list[Tensor], list[str]]:
+    """Check the token file's tensors against each other and its metadata; split ``tokens`` per image."""
+    missing = sorted({"tokens", "num_tokens"} - set(tensors))
+    if missing:
+        raise ValueError(f"{where} lacks tensors {missing}")
+    tokens, num_tokens = tensors["tokens"], tensors["num_tokens"]
+    if num_tokens.numel() == 0:
+        raise ValueError(f"{where} holds no images")
+    kind = metadata.get("latent_kind")
+    expected_dims = {"quantized": 1, "continuous": 2}.get(kind)  # type: ignore[arg-type]
+    if expected_dims is None:
+        raise ValueError(f"{where}: latent_kind metadata is {kind!r}, expected 'quantized' or 'continuous'")
+    if tokens.dim() != expected_dims:
+        raise ValueError(f"{where}: {kind} tokens must have {expected_dims} dims, got shape {tuple(tokens.shape)}")
+    if num_tokens.dim() != 1 or num_tokens.dtype != torch.int64 or (num_tokens < 0).any():
+        raise ValueError(f"{where}: num_tokens must be a 1-D int64 tensor of lengths, got shape "
+                         f"{tuple(num_tokens.shape)} dtype {num_tokens.dtype}")
+    if int(num_tokens.sum()) != tokens.shape[0]:
+        raise ValueError(f"{where}: num_tokens sums to {int(num_tokens.sum())} but tokens holds {tokens.shape[0]}")
+    try:
+        sources = json.loads(metadata.get("sources", ""))
+    except json.JSONDecodeError:
+        sources = None
+    if not isinstance(sources, list) or len(sources) != len(num_tokens) or not all(isinstance(s, str) for s in sources):
+        raise ValueError(f"{where}: sources metadata must be a JSON list of {len(num_tokens)} paths")
+    return list(torch.split(tokens, num_tokens.tolist())), sources
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+def collect_images(inputs: Sequence[str]) -> list[str]:
+    """Image files given directly, plus the image files inside each folder given (sorted by name)."""
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = list_image_files(item)
+            if not found:
+                raise UsageError(f"no image files in folder {item}")
+            paths += [str(p) for p in found]
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {item}")
+    return paths
+
+
+def load_tokenizer(args: argparse.Namespace) -> AdaptiveTokenizer:
+    """The model of ``--model`` on ``--device`` in ``--dtype``."""
+    return AdaptiveTokenizer.from_pretrained(args.model, device=parse_device(args.device), dtype=args.dtype)
+
+
+def parse_device(name: str) -> torch.device:
+    """``--device`` value -> torch device, refusing backends this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"invalid device {name!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {name!r} requested but MPS is not available")
+    return device
+
+
+def output_names(sources: Sequence[str], suffix: str = ".png") -> list[str]:
+    """One file name per source, ``<stem><suffix>``; repeated stems get ``_1``, ``_2``, ... appended."""
+    names, taken = [], set()
+    for index, source in enumerate(sources):
+        stem = Path(source).stem
+        stem = stem if stem not in ("", ".", "..") else f"image_{index}"
+        name, count = f"{stem}{suffix}", 0
+        while name.casefold() in taken:  # casefold: case-insensitive file systems
+            count += 1
+            name = f"{stem}_{count}{suffix}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def labelled_strip(panels: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
+    """Panels side by side (no gaps), each with its label centred in a white band below it."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox("Ag0")
+    band = (bottom - top) + 8
+    width, height = sum(p.width for p in panels), max(p.height for p in panels)
+    strip = Image.new("RGB", (width, height + band), "white")
+    draw = ImageDraw.Draw(strip)
+    x = 0
+    for panel, label in zip(panels, labels, strict=True):
+        strip.paste(panel.convert("RGB"), (x, 0))
+        text_width = draw.textlength(label, font=font)
+        draw.text((x + (panel.width - text_width) / 2, height + 4 - top), label, fill="black", font=font)
+        x += panel.width
+    return strip
+
+
+def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
+                 halt_threshold: float | None) -> EncodeResult:
+    """``tok.encode`` over ``paths`` in batches (so only a batch of images is in memory), with a progress bar."""
+    parts: list[EncodeResult] = []
+    # disable=None: the bar shows only when stderr is a terminal (no clutter in logs or captured output)
+    with tqdm(total=len(paths), unit="img", desc="encoding", file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = list(paths[start : start + batch_size])
+            parts.append(tok.encode(batch, max_tokens=max_tokens, halt_threshold=halt_threshold))
+            bar.update(len(batch))
+    errors = [part.errors for part in parts if part.errors is not None]
+    return EncodeResult(tokens=[t for part in parts for t in part.tokens],
+                        num_tokens=torch.cat([part.num_tokens for part in parts]),
+                        errors=torch.cat(errors) if errors else None)
+
+
+# ---- subcommands ---------------------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert an authors' checkpoint into a model directory."""
+    config = convert_checkpoint(args.checkpoint, args.out_dir, encoder_heads=args.encoder_heads,
+                                decoder_heads=args.decoder_heads, dynamic_halting=not args.no_dynamic_halting,
+                                dynamic_halting_threshold=args.halting_threshold)
+    latent = (f"quantized ({config.codebook_size} codes, {config.token_dim}-d)" if config.quantized
+              else f"continuous ({config.latent_dim}-d vectors)")
+    halting = f"on (p >= {config.dynamic_halting_threshold})" if config.dynamic_halting else "off"
+    print(f"converted {args.checkpoint} -> {args.out_dir}: {latent} latents, {config.image_size}px images, "
+          f"encoder {config.encoder_width}x{config.encoder_layers}, decoder {config.decoder_width}x"
+          f"{config.decoder_layers}, {config.tokens_per_iteration}-{config.max_tokens} tokens "
+          f"(steps of {config.tokens_per_iteration}), dynamic halting {halting}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Encode images into one token file."""
+    sources = collect_images(args.inputs)
+    tok = load_tokenizer(args)
+    tok.batch_size = args.batch_size
+    result = encode_paths(tok, sources, args.batch_size, max_tokens=args.max_tokens,
+                          halt_threshold=args.halt_threshold)
+    save_token_file(args.output, result, sources, tok.config.latent_kind)
+    lengths = result.num_tokens.float()
+    error = f", mean L1 {result.errors.mean():.4f}" if result.errors is not None else ""
+    print(f"encoded {len(sources)} images: mean {lengths.mean():.1f} tokens (min {int(lengths.min())}, "
+          f"max {int(lengths.max())}){error} -> {args.output}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    """Decode a token file into one PNG per image."""
+    sequences, sources = load_token_file(args.tokens)
+    tok = load_tokenizer(args)
+    file_kind = "quantized" if sequences[0].dim() == 1 else "continuous"
+    if file_kind != tok.config.latent_kind:
+        raise UsageError(f"{args.tokens} holds {file_kind} tokens but the model at {args.model} is "
+                         f"{tok.config.latent_kind}")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = output_names(sources)
+    with tqdm(total=len(sequences), unit="img", desc="decoding", file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(sequences), args.batch_size):
+            pixels = tok.decode(sequences[start : start + args.batch_size])
+            for offset, image in enumerate(pixels):
+                to_pil(image).save(out_dir / names[start + offset])
+            bar.update(len(pixels))
+    print(f"decoded {len(sequences)} images -> {out_dir}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Write a strip: the preprocessed input, then the reconstruction at every budget."""
+    tok = load_tokenizer(args)
+    image = load_images(args.image, tok.config.image_size)  # [1, 3, R, R], what the model sees
+    pixels, errors = tok.reconstructions(image, max_tokens=args.max_tokens)
+    budgets = [tok.tokens_per_iteration * (i + 1) for i in range(pixels.shape[1])]
+    labels = ["input"] + [f"{n} tok  L1 {e:.3f}" for n, e in zip(budgets, errors[0].tolist())]
+    strip = labelled_strip([to_pil(image[0])] + [to_pil(p) for p in pixels[0]], labels)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    strip.save(args.output, format="PNG")
+    for label in labels[1:]:
+        print(label)
+    print(f"wrote {args.output} ({strip.width}x{strip.height})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the model's config (JSON) and its parameter counts."""
+    tok = load_tokenizer(args)
+    print(json.dumps(tok.config.to_dict(), indent=2))
+    print("parameters:")
+    for part, count in tok.model.num_parameters().items():
+        print(f"  {part:<16}{count:>14,}")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type for sizes such as ``--batch-size``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="ALIT adaptive-length image tokenizer: images <-> variable-length tokens.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("convert", help="convert an authors' .pth checkpoint into a model directory")
+    p.add_argument("checkpoint", metavar="CKPT.pth")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--encoder-heads", type=int, metavar="N", help="encoder attention heads (default: from preset)")
+    p.add_argument("--decoder-heads", type=int, metavar="N", help="decoder attention heads (default: from preset)")
+    p.add_argument("--no-dynamic-halting", action="store_true", help="never mask confidently predicted 2D tokens")
+    p.add_argument("--halting-threshold", type=float, default=0.55, metavar="P",
+                   help="dynamic halting probability threshold (default: 0.55)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("encode", help="encode images (files or folders) into one token file")
+    _model_options(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
+    length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
+    p.add_argument("--halt-threshold", type=float, metavar="E",
+                   help="per-image length: fewest tokens with mean absolute pixel error <= E")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode a token file into PNG images")
+    _model_options(p)
+    p.add_argument("tokens", metavar="TOKENS.safetensors")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_FOLDER")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("reconstruct", help="PNG strip of an image's reconstruction at every token budget")
+    _model_options(p)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-o", "--output", required=True, metavar="STRIP.png")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="largest budget shown (default: model max)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("info", help="print a model's config and parameter counts")
+    _model_options(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory (config.json + model.safetensors)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default=None, metavar="DTYPE",
+                        help="float32 (default), bfloat16, or float16 (CUDA only)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for user errors)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
+    except (UsageError, ValueError, FileNotFoundError, TypeError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

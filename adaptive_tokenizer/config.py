@@ -1,0 +1,229 @@
+"""Model configuration: frozen dataclasses, serialised to ``config.json``.
+
+A config is plain data. ``ModelConfig.to_dict()`` / ``ModelConfig.from_dict()`` round-trip through JSON, and
+``ModelConfig.validate()`` (run on construction) rejects inconsistent sizes with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_FORMAT_VERSION = 1
+
+LatentKind = Literal["quantized", "continuous"]
+RolloutKind = Literal["recurrent"]
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    """The frozen 2D base tokenizer: a taming-style VQGAN (conv encoder, codebook, conv decoder).
+
+    The encoder downsamples by ``2 ** (len(ch_mult) - 1)`` with average pooling; the decoder upsamples with
+    nearest-neighbour interpolation plus a 3x3 conv. ``attn_resolutions`` lists the feature-map sizes that get a
+    self-attention block after each residual block; the authors' checkpoints have none (their code ignores the yaml
+    value), so converted models use ``()``.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    z_channels: int = 256
+    codebook_size: int = 1024
+    codebook_dim: int = 256
+    resolution: int = 256
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.downsample_factor
+
+    def validate(self) -> None:
+        _positive(self, "in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "codebook_size",
+                  "codebook_dim", "resolution")
+        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
+            raise ValueError(f"VQGANConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
+        for mult in self.ch_mult:
+            if (self.ch * mult) % 32:
+                raise ValueError(f"VQGANConfig: channel count ch*mult = {self.ch * mult} must be a multiple of 32 "
+                                 "(GroupNorm uses 32 groups)")
+        if self.z_channels != self.codebook_dim:
+            raise ValueError(f"VQGANConfig: z_channels ({self.z_channels}) must equal codebook_dim "
+                             f"({self.codebook_dim}): the codebook quantizes the encoder output directly")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(f"VQGANConfig: resolution {self.resolution} is not divisible by the downsampling "
+                             f"factor {self.downsample_factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An ALIT model: base tokenizer + latent-distillation encoder/decoder + (optional) latent quantizer.
+
+    Sizes: the encoder sees ``[class token, grid_size**2 image tokens, tokens_per_iteration * (t + 1) latents]``
+    at rollout iteration ``t`` (``0 <= t < max_iterations``). Image tokens are the base encoder output
+    (``base.z_channels`` dims) concatenated with a ``patch_size`` pixel patch embedding
+    (``encoder_width - base.z_channels`` dims).
+
+    ``latent_kind="quantized"``: tokens are ids in ``[0, codebook_size)`` of an l2-normalised codebook of
+    ``token_dim``-d vectors. ``"continuous"``: tokens are the ``token_dim``-d float vectors themselves (or
+    ``encoder_width``-d when ``factorize_latent`` is False).
+
+    ``dynamic_halting``: after each iteration, a 2D token whose base code the decoder already predicts with
+    probability ``>= dynamic_halting_threshold`` is replaced by a mask token for the following iterations.
+    """
+
+    base: VQGANConfig = field(default_factory=VQGANConfig)
+    image_size: int = 256
+    patch_size: int = 16
+    encoder_width: int = 512
+    encoder_layers: int = 8
+    encoder_heads: int = 8
+    decoder_width: int = 512
+    decoder_layers: int = 8
+    decoder_heads: int = 8
+    mlp_ratio: float = 4.0
+    latent_kind: LatentKind = "quantized"
+    factorize_latent: bool = True
+    token_dim: int = 12
+    codebook_size: int = 4096
+    tokens_per_iteration: int = 32
+    max_iterations: int = 8
+    decoder_max_latent_tokens: int = 256
+    dynamic_halting: bool = True
+    dynamic_halting_threshold: float = 0.55
+    rollout: RolloutKind = "recurrent"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, dict):  # convenience for from_dict and hand-written configs
+            object.__setattr__(self, "base", VQGANConfig(**_tuples(self.base)))
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Side of the 2D token grid (16 for 256 px images and 16 px patches)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokens_per_iteration * self.max_iterations
+
+    @property
+    def quantized(self) -> bool:
+        return self.latent_kind == "quantized"
+
+    @property
+    def latent_dim(self) -> int:
+        """Size of one token vector (what the decoder reads): ``token_dim`` when factorised, else the width."""
+        return self.token_dim if self.factorize_latent else self.encoder_width
+
+    def validate(self) -> None:
+        _positive(self, "image_size", "patch_size", "encoder_width", "encoder_layers", "encoder_heads",
+                  "decoder_width", "decoder_layers", "decoder_heads", "token_dim", "codebook_size",
+                  "tokens_per_iteration", "max_iterations", "decoder_max_latent_tokens")
+        self.base.validate()
+        if self.latent_kind not in ("quantized", "continuous"):
+            raise ValueError(f"ModelConfig.latent_kind must be 'quantized' or 'continuous', got {self.latent_kind!r}")
+        if self.rollout not in ("recurrent",):
+            raise ValueError(f"ModelConfig.rollout must be 'recurrent', got {self.rollout!r}")
+        if self.quantized and not self.factorize_latent:
+            raise ValueError("ModelConfig: quantized latents require factorize_latent=True")
+        if not self.factorize_latent and self.encoder_width != self.decoder_width:
+            raise ValueError("ModelConfig: without factorize_latent the decoder reads encoder_width-d latents, so "
+                             f"encoder_width ({self.encoder_width}) must equal decoder_width ({self.decoder_width})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ModelConfig: image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        if self.base.resolution != self.image_size:
+            raise ValueError(f"ModelConfig: base.resolution ({self.base.resolution}) must equal image_size "
+                             f"({self.image_size})")
+        if self.base.grid_size != self.grid_size:
+            raise ValueError(f"ModelConfig: the base tokenizer's grid ({self.base.grid_size}) must equal "
+                             f"image_size // patch_size ({self.grid_size})")
+        if self.encoder_width <= self.base.z_channels:
+            raise ValueError(f"ModelConfig: encoder_width ({self.encoder_width}) must exceed base.z_channels "
+                             f"({self.base.z_channels}); the difference is the pixel patch embedding width")
+        for name in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if width % heads:
+                raise ValueError(f"ModelConfig: {name}_width {width} is not divisible by {name}_heads {heads}")
+        if self.max_tokens > self.decoder_max_latent_tokens:
+            raise ValueError(f"ModelConfig: max tokens ({self.max_tokens}) exceed decoder_max_latent_tokens "
+                             f"({self.decoder_max_latent_tokens})")
+        if not 0.0 <= self.dynamic_halting_threshold <= 1.0:
+            raise ValueError("ModelConfig.dynamic_halting_threshold is a probability in [0, 1], got "
+                             f"{self.dynamic_halting_threshold}")
+
+    # ---- serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["format_version"] = CONFIG_FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(f"config format_version {version} is not supported (this library reads "
+                             f"{CONFIG_FORMAT_VERSION}); upgrade adaptive-tokenizer")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config has unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**_tuples(data))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json_string())
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _tuples(data: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to tuples (frozen dataclasses hold tuples), recursively for the base config."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    if isinstance(out.get("base"), dict):
+        base = out["base"]
+        known = {f.name for f in dataclasses.fields(VQGANConfig)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise ValueError(f"config base has unknown fields {unknown}; known fields: {sorted(known)}")
+        out["base"] = VQGANConfig(**_tuples(base))
+    return out
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")

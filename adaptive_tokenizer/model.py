@@ -1,0 +1,45 @@
+"""The ALIT network: base tokenizer + latent-distillation encoder/decoder + optional latent quantizer.
+
+This module only holds weights and the per-stage computations; the iteration loop (rollout, halting,
+length choice) lives in ``rollout.py`` and the user-facing API in ``tokenizer.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base_tokenizer import VQGAN
+from .config import ModelConfig
+from .latent_model import LatentDecoder, LatentEncoder
+from .quantizer import LatentQuantizer
+
+
+class ALITModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.base = VQGAN(config.base)
+        self.encoder = LatentEncoder(config)
+        self.quantizer = LatentQuantizer(config.codebook_size, config.token_dim) if config.quantized else None
+        self.decoder = LatentDecoder(config)
+
+    def decoder_inputs(self, tokens: Tensor) -> Tensor:
+        """Tokens -> what the decoder reads: code vectors for ids ``[N, L]``, or the vectors ``[N, L, D]``."""
+        if self.quantizer is not None:
+            return self.quantizer.lookup(tokens).to(self.decoder.norm_pre.weight.dtype)
+        return tokens.to(self.decoder.norm_pre.weight.dtype)
+
+    def reconstruct(self, logits: Tensor) -> Tensor:
+        """Decoder logits ``[N, G2, K]`` -> pixels ``[N, 3, R, R]`` (unclamped) via the expected base code."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        features = probs @ self.base.codebook.float()
+        return self.base.decode_features(features.to(self.base.codebook.dtype))
+
+    def num_parameters(self) -> dict[str, int]:
+        parts = {"base_tokenizer": self.base, "encoder": self.encoder, "decoder": self.decoder}
+        if self.quantizer is not None:
+            parts["quantizer"] = self.quantizer
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["total"] = sum(counts.values())
+        return counts

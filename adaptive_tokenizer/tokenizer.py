@@ -1,0 +1,336 @@
+"""Public API: ``AdaptiveTokenizer.from_pretrained(...)``, ``.encode(...)``, ``.decode(...)``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from .config import ModelConfig
+from .image_io import ImageInput, load_images
+from .model import ALITModel
+from .rollout import IterationRecord, rollout
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Tokens of a batch of images; lengths may differ between images.
+
+    ``tokens[i]``: ``[L_i]`` int64 code ids (quantized models) or ``[L_i, D]`` float32 vectors (continuous).
+    ``num_tokens``: ``[N]`` int64, ``L_i``. ``errors``: ``[N]`` float32 mean absolute pixel error of the chosen
+    length (only when ``halt_threshold`` was given, else None).
+    """
+
+    tokens: list[Tensor]
+    num_tokens: Tensor
+    errors: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def padded(self, pad_id: int | float) -> tuple[Tensor, Tensor]:
+        """Right-pad to the longest sequence: ``(tokens [N, Lmax(, D)], attention_mask [N, Lmax] bool)``.
+
+        ``attention_mask`` is True on real tokens and False on padding (filled with ``pad_id``).
+        """
+        longest = int(self.num_tokens.max())
+        first = self.tokens[0]
+        out = torch.full((len(self), longest, *first.shape[1:]), pad_id, dtype=first.dtype, device=first.device)
+        mask = torch.zeros(len(self), longest, dtype=torch.bool, device=first.device)
+        for row, seq in enumerate(self.tokens):
+            out[row, : len(seq)] = seq
+            mask[row, : len(seq)] = True
+        return out, mask
+
+
+class AdaptiveTokenizer:
+    """Image <-> variable-length token sequences (ALIT).
+
+    >>> tok = AdaptiveTokenizer.from_pretrained("path/to/model_dir")
+    >>> result = tok.encode("photo.jpg", budget=64)            # 64 tokens
+    >>> result = tok.encode(images, halt_threshold=0.07)        # per-image length
+    >>> pixels = tok.decode(result)                              # [N, 3, H, W] in [0, 1]
+    """
+
+    def __init__(self, model: ALITModel, *, batch_size: int = 16):
+        self.model = model.eval().requires_grad_(False)
+        self.config = model.config
+        self.batch_size = batch_size
+
+    # ---- loading / saving ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
+        """Load a model directory holding ``config.json`` + ``model.safetensors``.
+
+        ``device``: default CPU. ``dtype``: float32 (default) or bfloat16 anywhere, float16 on CUDA only.
+        """
+        if name_or_path is None:
+            raise FileNotFoundError(
+                "no embedded default model ships with this version of adaptive-tokenizer yet; pass a directory "
+                "holding config.json and model.safetensors (convert the authors' checkpoints with "
+                "`adaptive-tokenizer convert CKPT.pth OUT_DIR`)")
+        directory = Path(name_or_path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no model directory at {directory}: from_pretrained expects a directory "
+                                    f"holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config, weights = load_model_files(directory)
+        model = ALITModel(config)
+        model.load_state_dict(weights, strict=True, assign=True)
+        return cls(model).to(device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (float32) to ``directory``."""
+        weights = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        save_model_files(directory, self.config, weights)
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
+        device = torch.device(device if device is not None else "cpu")
+        dtype = _resolve_dtype(dtype, device)
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.base.codebook.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.base.codebook.dtype
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_tokens
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.config.tokens_per_iteration
+
+    # ---- encode --------------------------------------------------------------------------------------------
+    def encode(self, images: ImageInput | Sequence[ImageInput], max_tokens: int | None = None,
+               halt_threshold: float | None = None, budget: int | None = None) -> EncodeResult:
+        """Encode images into token sequences.
+
+        ``max_tokens`` (alias ``budget``): tokens per image, at most; rounded down to a multiple of
+        ``tokens_per_iteration``; default the model's maximum. Only the iterations it needs are run.
+        ``halt_threshold``: choose each image's length as the fewest tokens whose reconstruction has mean absolute
+        error (pixels in [0, 1]) ``<=`` the threshold, else the length with the lowest error up to
+        ``max_tokens``. Without it, every image gets exactly ``max_tokens`` tokens.
+        """
+        num_iterations = self._iterations_for(max_tokens, budget)
+        if halt_threshold is not None:
+            if isinstance(halt_threshold, bool) or not isinstance(halt_threshold, (int, float)) \
+                    or not np.isfinite(halt_threshold) or halt_threshold < 0:
+                raise ValueError(f"halt_threshold must be a non-negative number (mean absolute pixel error in "
+                                 f"[0, 1] units), got {halt_threshold!r}")
+            halt_threshold = float(halt_threshold)
+        pixels = load_images(images, self.config.image_size)
+        tokens: list[Tensor] = []
+        iterations, errors = [], []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.batch_size):
+                out = rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
+                              halting_threshold=self._halting_threshold(), length_threshold=halt_threshold)
+                tokens += [t.cpu() for t in out.tokens]
+                iterations.append(out.num_iterations)
+                if out.errors is not None:
+                    errors.append(out.errors)
+        num_tokens = torch.cat(iterations) * self.tokens_per_iteration
+        return EncodeResult(tokens, num_tokens, torch.cat(errors) if errors else None)
+
+    def reconstructions(self, images: ImageInput | Sequence[ImageInput],
+                        max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+        """Reconstruction at every budget up to ``max_tokens``, from one rollout per image.
+
+        Returns ``(pixels [N, I, 3, R, R] in [0, 1], errors [N, I])`` for ``I`` iterations (budgets
+        ``tokens_per_iteration * (1..I)``); errors are mean absolute pixel errors of the unclamped output,
+        the quantity ``halt_threshold`` compares.
+        """
+        num_iterations = self._iterations_for(max_tokens, None)
+        pixels = load_images(images, self.config.image_size)
+        all_pixels, all_errors = [], []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.batch_size):
+                records: list[IterationRecord] = []
+                rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
+                        halting_threshold=self._halting_threshold(), trace=records.append)
+                all_pixels.append(torch.stack([r.reconstruction.clamp(0, 1).cpu() for r in records], dim=1))
+                all_errors.append(torch.stack([r.error.cpu() for r in records], dim=1))
+        return torch.cat(all_pixels), torch.cat(all_errors)
+
+    # ---- decode --------------------------------------------------------------------------------------------
+    def decode(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray) -> Tensor:
+        """Tokens -> images ``[N, 3, R, R]`` float32 in [0, 1] (on the model's device).
+
+        Accepts an :class:`EncodeResult`, a list of per-image tensors (lengths may differ), or one tensor:
+        ids ``[L]`` / ``[N, L]`` (quantized models), vectors ``[L, D]`` / ``[N, L, D]`` (continuous models).
+        """
+        sequences = self._token_sequences(tokens)
+        output: list[Tensor | None] = [None] * len(sequences)
+        by_length: dict[int, list[int]] = {}
+        for index, seq in enumerate(sequences):
+            by_length.setdefault(len(seq), []).append(index)
+        with torch.inference_mode():
+            for length, indices in sorted(by_length.items()):
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    batch = torch.stack([sequences[i] for i in chunk]).to(self.device)
+                    logits = self.model.decoder(self.model.decoder_inputs(batch))
+                    pixels = self.model.reconstruct(logits).float().clamp_(0, 1)
+                    for row, index in enumerate(chunk):
+                        output[index] = pixels[row]
+        return torch.stack(output)  # type: ignore[arg-type]
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _halting_threshold(self) -> float | None:
+        return self.config.dynamic_halting_threshold if self.config.dynamic_halting else None
+
+    def _iterations_for(self, max_tokens: int | None, budget: int | None) -> int:
+        if max_tokens is not None and budget is not None and max_tokens != budget:
+            raise ValueError(f"budget is an alias of max_tokens; got both with different values "
+                             f"({budget} and {max_tokens})")
+        requested = max_tokens if max_tokens is not None else budget
+        if requested is None:
+            return self.config.max_iterations
+        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)):
+            raise ValueError(f"max_tokens/budget must be an int, got {requested!r}")
+        per = self.tokens_per_iteration
+        if not per <= requested <= self.max_tokens:
+            raise ValueError(f"max_tokens/budget must be between {per} and {self.max_tokens} tokens "
+                             f"(multiples of {per}), got {requested}")
+        return int(requested) // per
+
+    def _token_sequences(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray) -> list[Tensor]:
+        quantized = self.config.quantized
+        if isinstance(tokens, EncodeResult):
+            tokens = tokens.tokens
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(tokens)
+        single_dims = 1 if quantized else 2
+        if isinstance(tokens, Tensor):
+            if tokens.dim() == single_dims:
+                sequences = [tokens]
+            elif tokens.dim() == single_dims + 1:
+                sequences = list(tokens)
+            else:
+                raise ValueError(f"token tensor must have {single_dims} or {single_dims + 1} dims "
+                                 f"({self._token_form()}), got shape {tuple(tokens.shape)}")
+        elif isinstance(tokens, (list, tuple)):
+            sequences = [torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in tokens]
+        else:
+            raise TypeError(f"decode accepts an EncodeResult, a list of tensors or a tensor, got "
+                            f"{type(tokens).__name__}")
+        if not sequences:
+            raise ValueError("decode got no token sequences")
+        return [self._check_sequence(seq, index) for index, seq in enumerate(sequences)]
+
+    def _token_form(self) -> str:
+        if self.config.quantized:
+            return f"int64 ids in [0, {self.config.codebook_size}), shape [L] or [N, L]"
+        return f"float vectors of size {self.config.latent_dim}, shape [L, D] or [N, L, D]"
+
+    def _check_sequence(self, seq: Tensor, index: int) -> Tensor:
+        config, where = self.config, f"token sequence {index}"
+        if not isinstance(seq, Tensor):
+            raise TypeError(f"{where} is a {type(seq).__name__}, expected a tensor ({self._token_form()})")
+        if config.quantized:
+            if seq.dim() != 1 or seq.dtype == torch.bool or seq.is_floating_point() or seq.is_complex():
+                raise ValueError(f"{where}: expected a 1-D integer tensor ({self._token_form()}), got "
+                                 f"shape {tuple(seq.shape)} dtype {seq.dtype}")
+            if len(seq) and (seq.min() < 0 or seq.max() >= config.codebook_size):
+                raise ValueError(f"{where}: token ids must lie in [0, {config.codebook_size}), got range "
+                                 f"[{int(seq.min())}, {int(seq.max())}]")
+            seq = seq.to(torch.long)
+        else:
+            if seq.dim() != 2 or not seq.is_floating_point() or seq.shape[1] != config.latent_dim:
+                raise ValueError(f"{where}: expected a float tensor [L, {config.latent_dim}], got shape "
+                                 f"{tuple(seq.shape)} dtype {seq.dtype}")
+            if not torch.isfinite(seq).all():
+                raise ValueError(f"{where}: token vectors contain NaN or infinity")
+            seq = seq.to(torch.float32)
+        per = config.tokens_per_iteration
+        if len(seq) == 0 or len(seq) > config.max_tokens or len(seq) % per:
+            raise ValueError(f"{where}: has {len(seq)} tokens; this model decodes {per} to {config.max_tokens} "
+                             f"tokens in multiples of {per}")
+        return seq.cpu()
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    allowed = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    if dtype not in allowed:
+        raise ValueError(f"dtype {dtype} is not supported on {device.type}; use one of {[str(d) for d in allowed]}")
+    return dtype
+
+
+def load_model_files(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Read ``config.json`` and ``model.safetensors`` from ``directory`` (no pickle involved)."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} has no {name}; a model directory holds {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}")
+    config = ModelConfig.from_json(directory / CONFIG_NAME)
+    try:
+        weights = load_file(directory / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {directory / WEIGHTS_NAME} as safetensors: {err}") from None
+    check_weights(config, weights, str(directory / WEIGHTS_NAME))
+    return config, {k: v.float() for k, v in weights.items()}
+
+
+def check_weights(config: ModelConfig, weights: dict[str, Tensor], source: str) -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped tensor."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in ALITModel(config).state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(f"{k}: {tuple(weights[k].shape)} != {tuple(s)}" for k, s in expected.items()
+                   if k in weights and weights[k].shape != s)
+    problems = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                f"wrong shapes {wrong}" if wrong else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"{source} does not match its config: " + "; ".join(problems))
+
+
+def save_model_files(directory: str | os.PathLike, config: ModelConfig, weights: dict[str, Tensor]) -> None:
+    """Write ``config.json`` + ``model.safetensors``; each file appears complete or not at all."""
+    check_weights(config, weights, "weights to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    contents = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
+                CONFIG_NAME: config.to_json_string().encode()}
+    for name, data in contents.items():
+        write_atomic(directory / name, data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,55 @@
+"""Quickstart: one image at several token budgets, and adaptively, with a labelled PNG strip.
+
+    python examples/quickstart.py MODEL_DIR IMAGE [-o quickstart_strip.png] [--halt-threshold 0.07]
+
+MODEL_DIR is a model directory (config.json + model.safetensors), e.g. one made with
+``adaptive-tokenizer convert CKPT.pth MODEL_DIR``. It is required for now: no default model ships with this
+version, so ``AdaptiveTokenizer.from_pretrained()`` without a directory does not work yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from adaptive_tokenizer import AdaptiveTokenizer
+from adaptive_tokenizer.cli import labelled_strip
+from adaptive_tokenizer.image_io import load_images, to_pil
+
+BUDGETS = (32, 64, 128, 256)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("image")
+    parser.add_argument("-o", "--output", default="quickstart_strip.png")
+    parser.add_argument("--halt-threshold", type=float, default=0.07,
+                        help="adaptive length: fewest tokens with mean absolute pixel error <= this")
+    args = parser.parse_args()
+
+    tok = AdaptiveTokenizer.from_pretrained(args.model_dir)
+    image = load_images(args.image, tok.config.image_size)  # [1, 3, R, R] in [0, 1]: what the model sees
+    panels, labels = [to_pil(image[0])], ["input"]
+
+    for budget in (b for b in BUDGETS if b <= tok.max_tokens):
+        result = tok.encode(image, budget=budget)  # exactly `budget` tokens
+        pixels = tok.decode(result)
+        error = (pixels - image).abs().mean().item()
+        print(f"budget {budget:>3}: {int(result.num_tokens[0])} tokens, L1 {error:.4f}")
+        panels.append(to_pil(pixels[0]))
+        labels.append(f"{budget} tok  L1 {error:.3f}")
+
+    result = tok.encode(image, halt_threshold=args.halt_threshold)  # the image picks its own length
+    pixels = tok.decode(result)
+    count, error = int(result.num_tokens[0]), (pixels - image).abs().mean().item()
+    print(f"adaptive (threshold {args.halt_threshold}): {count} tokens, L1 {error:.4f} "
+          f"(error the length choice saw, before clamping: {float(result.errors[0]):.4f})")
+    panels.append(to_pil(pixels[0]))
+    labels.append(f"adaptive {count} tok  L1 {error:.3f}")
+
+    labelled_strip(panels, labels).save(args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Configs are frozen data: JSON round trip, validation with messages that name the field."""
+
+import dataclasses
+
+import pytest
+
+from adaptive_tokenizer import ModelConfig, VQGANConfig
+
+
+def test_json_round_trip(tmp_path):
+    config = ModelConfig(base=VQGANConfig(ch=32, ch_mult=(1, 1, 1), resolution=64, z_channels=32, codebook_dim=32),
+                         image_size=64, patch_size=4, encoder_width=64, mlp_ratio=2.0, decoder_width=64, encoder_heads=4,
+                         decoder_heads=4, latent_kind="continuous")
+    config.to_json(tmp_path / "config.json")
+    assert ModelConfig.from_json(tmp_path / "config.json") == config
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModelConfig().encoder_width = 3
+
+
+def test_derived_sizes():
+    config = ModelConfig()
+    assert (config.grid_size, config.num_image_tokens, config.max_tokens, config.latent_dim) == (16, 256, 256, 12)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"encoder_width": 516, "encoder_heads": 8}, "encoder_width 516 is not divisible"),
+    ({"patch_size": 32}, "grid"),
+    ({"latent_kind": "discrete"}, "latent_kind"),
+    ({"factorize_latent": False}, "factorize_latent"),
+    ({"max_iterations": 9}, "decoder_max_latent_tokens"),
+    ({"dynamic_halting_threshold": 1.5}, "probability"),
+    ({"encoder_layers": 0}, "encoder_layers must be a positive int"),
+    ({"encoder_width": 256, "encoder_heads": 8}, "must exceed base.z_channels"),
+])
+def test_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig().replace(**changes)
+
+
+def test_unknown_fields_are_rejected():
+    data = ModelConfig().to_dict()
+    data["encoder_depth"] = 3
+    with pytest.raises(ValueError, match="encoder_depth"):
+        ModelConfig.from_dict(data)
+    data = ModelConfig().to_dict()
+    data["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version"):
+        ModelConfig.from_dict(data)
+
+
+def test_base_validation():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VQGANConfig(ch=48).validate()
+    with pytest.raises(ValueError, match="codebook_dim"):
+        VQGANConfig(codebook_dim=64).validate()

@@ -1,0 +1,259 @@
+"""Public API: encode/decode contracts, budgets, adaptive length, determinism, input validation."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaptive_tokenizer import AdaptiveTokenizer, EncodeResult
+
+
+def count_iterations(tok):
+    """Count encoder passes (one per rollout iteration) through a forward hook."""
+    calls = []
+    handle = tok.model.encoder.transformer.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+# ---- encode: inputs ------------------------------------------------------------------------------------------
+def test_every_input_kind_gives_the_same_tokens(tok_a, images, images_u8, tmp_path):
+    array = images_u8[0].permute(1, 2, 0).numpy()
+    path = tmp_path / "img.png"
+    Image.fromarray(array).save(path)
+    expected = tok_a.encode(images[0], budget=64).tokens[0]
+    for source in (str(path), path, Image.open(path), array, images[0], images[:1], images_u8[0], [images[0]]):
+        assert torch.equal(tok_a.encode(source, budget=64).tokens[0], expected)
+
+
+def test_list_of_mixed_inputs_is_one_batch(tok_a, images, images_u8):
+    pil = Image.fromarray(images_u8[1].permute(1, 2, 0).numpy())
+    result = tok_a.encode([images[0], pil, images[2:3]], budget=32)
+    assert len(result) == 3
+    assert torch.equal(torch.stack(result.tokens), torch.stack(tok_a.encode(images, budget=32).tokens))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.rand(3, 32, 32) * 2, "in \\[0, 1\\]"),
+    (torch.full((3, 8, 8), float("nan")), "in \\[0, 1\\]"),
+    (torch.zeros(4, 32, 32), "3xHxW"),
+    (torch.zeros(2, 2, 3, 8, 8), "3xHxW"),
+    (torch.zeros(3, 8, 8, dtype=torch.int32), "float"),
+    (np.zeros((8, 8, 3), dtype=np.float32), "uint8"),
+    (np.zeros((8, 8, 5), dtype=np.uint8), "HxW"),
+    ([], "no images"),
+])
+def test_bad_images_are_rejected_clearly(tok_a, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tok_a.encode(bad)
+
+
+def test_unsupported_type_and_missing_file(tok_a, tmp_path):
+    with pytest.raises(TypeError, match="accepted"):
+        tok_a.encode(12)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        tok_a.encode(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        tok_a.encode(tmp_path / "junk.png")
+
+
+# ---- encode: budgets -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget,iterations", [(32, 1), (64, 2), (100, 3), (255, 7), (256, 8), (None, 8)])
+def test_budget_runs_only_the_iterations_it_needs(tok_a, images, budget, iterations):
+    calls, handle = count_iterations(tok_a)
+    try:
+        result = tok_a.encode(images[:2], budget=budget)
+    finally:
+        handle.remove()
+    assert len(calls) == iterations
+    assert result.num_tokens.tolist() == [32 * iterations] * 2
+    assert [len(t) for t in result.tokens] == [32 * iterations] * 2
+    assert result.errors is None
+
+
+def test_max_tokens_and_budget_are_aliases(tok_a, images):
+    a = tok_a.encode(images[0], max_tokens=96)
+    b = tok_a.encode(images[0], budget=96)
+    c = tok_a.encode(images[0], max_tokens=96, budget=96)
+    assert torch.equal(a.tokens[0], b.tokens[0]) and torch.equal(a.tokens[0], c.tokens[0])
+    with pytest.raises(ValueError, match="alias"):
+        tok_a.encode(images[0], max_tokens=64, budget=96)
+
+
+@pytest.mark.parametrize("budget", [0, 31, 257, -32, 64.0, True])
+def test_out_of_range_budgets_are_rejected(tok_a, images, budget):
+    with pytest.raises(ValueError, match="max_tokens"):
+        tok_a.encode(images[0], budget=budget)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), "0.1", True])
+def test_bad_halt_threshold_is_rejected(tok_a, images, threshold):
+    with pytest.raises(ValueError, match="halt_threshold"):
+        tok_a.encode(images[0], halt_threshold=threshold)
+
+
+# ---- encode: adaptive length ---------------------------------------------------------------------------------
+def test_adaptive_length_is_decided_per_image(tok_a, images):
+    # Image 2's errors (~0.38-0.39) are far below images 0/1 (~0.79-0.82): at 0.5 it stops after one iteration,
+    # the others never meet it and take their lowest-error length.
+    batch = tok_a.encode(images, halt_threshold=0.5)
+    for index in range(3):
+        alone = tok_a.encode(images[index], halt_threshold=0.5)
+        assert batch.num_tokens[index] == alone.num_tokens[0]
+        assert torch.equal(batch.tokens[index], alone.tokens[0])
+        assert batch.errors[index] == pytest.approx(alone.errors[0].item(), abs=1e-6)
+    assert batch.num_tokens.tolist() == [128, 128, 32]
+    assert batch.errors[2] <= 0.5 < batch.errors[0]
+
+
+def test_finished_images_stop_iterating(tok_a, images):
+    calls, handle = count_iterations(tok_a)
+    try:
+        everyone_done = tok_a.encode(images, halt_threshold=10.0)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and everyone_done.num_tokens.tolist() == [32, 32, 32]
+    # With max_tokens the choice is restricted to the first iterations.
+    capped = tok_a.encode(images, halt_threshold=0.0, max_tokens=64)
+    assert capped.num_tokens.max() <= 64
+
+
+def test_errors_are_the_reconstruction_errors_of_the_returned_tokens(tok_a, images):
+    result = tok_a.encode(images, halt_threshold=0.5, max_tokens=96)
+    pixels_unclamped_error = result.errors
+    decoded = tok_a.decode(result)
+    clamped_error = (decoded - images).abs().mean(dim=(1, 2, 3))
+    # decode clamps to [0, 1], which can only bring pixels closer to the [0, 1] input.
+    assert (clamped_error <= pixels_unclamped_error + 1e-6).all()
+
+
+# ---- determinism ---------------------------------------------------------------------------------------------
+def test_same_tokens_across_runs_and_batch_compositions(tok_a, images):
+    torch.manual_seed(0)
+    others = torch.rand(7, 3, 256, 256)
+    for index in range(3):
+        alone = tok_a.encode(images[index], budget=256).tokens[0]
+        assert torch.equal(tok_a.encode(images[index], budget=256).tokens[0], alone)  # run to run
+        batch = torch.cat([others[:index], images[index : index + 1], others[index:]])  # a batch of 8
+        assert torch.equal(tok_a.encode(batch, budget=256).tokens[index], alone)
+    # Adaptive length in a batch of 8 (capped at 64 tokens to keep the test fast: pixel decodes dominate).
+    alone = tok_a.encode(images[2], halt_threshold=0.5, max_tokens=64)
+    batch = tok_a.encode(torch.cat([others[:5], images, others[5:]])[:8], halt_threshold=0.5, max_tokens=64)
+    assert torch.equal(batch.tokens[7], alone.tokens[0]) and batch.num_tokens[7] == alone.num_tokens[0]
+
+
+def test_batch_size_does_not_change_results(converted_dirs, images):
+    small = AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
+    small.batch_size = 1
+    big = AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
+    a = small.encode(images, halt_threshold=0.5, max_tokens=96)
+    b = big.encode(images, halt_threshold=0.5, max_tokens=96)
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    assert a.num_tokens.tolist() == b.num_tokens.tolist()
+
+
+# ---- result helpers ------------------------------------------------------------------------------------------
+def test_padded_gives_ids_and_attention_mask():
+    result = EncodeResult([torch.tensor([5, 6, 7]), torch.tensor([9])], torch.tensor([3, 1]))
+    ids, mask = result.padded(pad_id=-1)
+    assert ids.tolist() == [[5, 6, 7], [9, -1, -1]]
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_padded_continuous_tokens(tok_b, images):
+    result = tok_b.encode(images, halt_threshold=0.5, max_tokens=64)
+    vectors, mask = result.padded(pad_id=0.0)
+    assert vectors.shape == (3, int(result.num_tokens.max()), 12)
+    assert mask.sum(1).tolist() == result.num_tokens.tolist()
+
+
+# ---- decode --------------------------------------------------------------------------------------------------
+def test_decode_accepts_every_token_form(tok_a, images):
+    result = tok_a.encode(images, halt_threshold=0.5, max_tokens=96)  # lengths 96, 96, 32
+    from_result = tok_a.decode(result)
+    assert from_result.shape == (3, 3, 256, 256) and from_result.dtype == torch.float32
+    assert 0 <= from_result.min() and from_result.max() <= 1
+    assert torch.equal(tok_a.decode(list(result.tokens)), from_result)
+    # Pixels are floats: convolution kernels may round differently for another batch size.
+    torch.testing.assert_close(tok_a.decode(result.tokens[2]), from_result[2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok_a.decode(torch.stack(result.tokens[:2])), from_result[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok_a.decode(result.tokens[0].numpy()), from_result[:1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok_a.decode([result.tokens[2].to(torch.int32)]), from_result[2:], atol=1e-5, rtol=0)
+
+
+def test_decode_continuous_tokens(tok_b, images):
+    result = tok_b.encode(images, budget=64)
+    pixels = tok_b.decode(result)
+    assert pixels.shape == (3, 3, 256, 256)
+    torch.testing.assert_close(tok_b.decode(torch.stack(result.tokens)), pixels, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="float vectors"):
+        tok_b.decode(torch.zeros(64, dtype=torch.long))
+    with pytest.raises(ValueError, match="float tensor"):
+        tok_b.decode([torch.zeros(64, 12, dtype=torch.long)])
+    with pytest.raises(ValueError, match="float tensor"):
+        tok_b.decode(torch.zeros(64, 7))
+    with pytest.raises(ValueError, match="NaN"):
+        tok_b.decode(torch.full((32, 12), float("nan")))
+
+
+@pytest.mark.parametrize("tokens,message", [
+    (torch.full((32,), 128), "\\[0, 128\\)"),
+    (torch.full((32,), -1), "\\[0, 128\\)"),
+    (torch.zeros(288, dtype=torch.long), "32 to 256"),
+    (torch.zeros(40, dtype=torch.long), "multiples of 32"),
+    (torch.zeros(0, dtype=torch.long), "multiples of 32"),
+    (torch.zeros(32), "integer"),
+    (torch.zeros(32, dtype=torch.bool), "integer"),
+    (torch.zeros(2, 2, 32, dtype=torch.long), "dims"),
+    ([], "no token"),
+])
+def test_decode_rejects_bad_tokens(tok_a, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        tok_a.decode(tokens)
+
+
+def test_decode_rejects_non_tensors(tok_a):
+    with pytest.raises(TypeError):
+        tok_a.decode("tokens")
+    with pytest.raises(TypeError):
+        tok_a.decode([[1, 2, 3]])
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+def test_from_pretrained_errors(tmp_path, converted_dirs):
+    with pytest.raises(FileNotFoundError, match="no embedded default"):
+        AdaptiveTokenizer.from_pretrained()
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        AdaptiveTokenizer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AdaptiveTokenizer.from_pretrained(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((converted_dirs["A"] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="safetensors"):
+        AdaptiveTokenizer.from_pretrained(broken)
+    # Weights that do not fit the config: the error names the tensors.
+    (broken / "model.safetensors").write_bytes((converted_dirs["B"] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="quantizer.codebook"):
+        AdaptiveTokenizer.from_pretrained(broken)
+
+
+def test_save_pretrained_round_trip(tok_a, images, tmp_path):
+    tok_a.save_pretrained(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.json", "model.safetensors"]
+    copy = AdaptiveTokenizer.from_pretrained(tmp_path / "copy")
+    assert copy.config == tok_a.config
+    assert torch.equal(copy.encode(images[0], budget=64).tokens[0], tok_a.encode(images[0], budget=64).tokens[0])
+
+
+def test_bfloat16_on_cpu_and_dtype_errors(converted_dirs, images):
+    tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"], dtype="bf16")
+    assert tok.dtype == torch.bfloat16
+    result = tok.encode(images, budget=64)
+    assert result.tokens[0].dtype == torch.long and len(result.tokens[0]) == 64
+    assert tok.decode(result).dtype == torch.float32
+    with pytest.raises(ValueError, match="not supported on cpu"):
+        AdaptiveTokenizer.from_pretrained(converted_dirs["A"], dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        AdaptiveTokenizer.from_pretrained(converted_dirs["A"], dtype="int8")
