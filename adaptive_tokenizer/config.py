@@ -15,7 +15,7 @@ from typing import Any, Literal
 CONFIG_FORMAT_VERSION = 1
 
 LatentKind = Literal["quantized", "continuous"]
-RolloutKind = Literal["recurrent"]
+RolloutKind = Literal["recurrent", "cached"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,12 @@ class ModelConfig:
     ``encoder_width``-d when ``factorize_latent`` is False).
 
     ``dynamic_halting``: after each iteration, a 2D token whose base code the decoder already predicts with
-    probability ``>= dynamic_halting_threshold`` is replaced by a mask token for the following iterations.
+    probability ``>= dynamic_halting_threshold`` is halted for the following iterations: replaced by a mask token
+    (``rollout="recurrent"``) or removed from the keys the new latents attend to (``rollout="cached"``).
+
+    ``rollout``: ``"recurrent"`` (the authors': each iteration re-encodes the whole sequence) or ``"cached"``
+    (block-causal: each iteration encodes only its new latent block against cached keys/values; the tokens of a
+    smaller budget are a prefix of those of a larger one).
     """
 
     base: VQGANConfig = field(default_factory=VQGANConfig)
@@ -137,8 +142,8 @@ class ModelConfig:
         self.base.validate()
         if self.latent_kind not in ("quantized", "continuous"):
             raise ValueError(f"ModelConfig.latent_kind must be 'quantized' or 'continuous', got {self.latent_kind!r}")
-        if self.rollout not in ("recurrent",):
-            raise ValueError(f"ModelConfig.rollout must be 'recurrent', got {self.rollout!r}")
+        if self.rollout not in ("recurrent", "cached"):
+            raise ValueError(f"ModelConfig.rollout must be 'recurrent' or 'cached', got {self.rollout!r}")
         if self.quantized and not self.factorize_latent:
             raise ValueError("ModelConfig: quantized latents require factorize_latent=True")
         if not self.factorize_latent and self.encoder_width != self.decoder_width:

@@ -1,19 +1,25 @@
-"""The rollout engine: recurrent encoding, deterministic dynamic halting and per-image length choice.
+"""The rollout engine: iterative encoding, deterministic dynamic halting and per-image length choice.
 
-Iteration ``t`` (0-based) runs the shared encoder over ``[class, 2D tokens, latents of iterations 0..t]`` and
-yields ``tokens_per_iteration * (t + 1)`` tokens. Between iterations:
+Iteration ``t`` (0-based) yields ``tokens_per_iteration * (t + 1)`` tokens. How the encoder gets there depends on
+the model's ``rollout``:
 
-* dynamic halting (when a threshold is given): 2D tokens whose ground-truth base code the decoder already
-  predicts with probability ``>= halting_threshold`` are replaced by mask tokens for all later iterations;
-* a new block of latent tokens is appended and the whole sequence re-normalised (``norm_recursive``).
+* ``"recurrent"`` (the authors'): the encoder re-encodes ``[class, 2D tokens, latents 0..t]``, its inputs being
+  the previous iteration's outputs plus a new latent block (re-normalised by ``norm_recursive``);
+* ``"cached"``: the encoder encodes only the new latent block, attending to the cached keys/values of every
+  earlier position (iteration 0 encodes ``[class, 2D tokens, block 0]``).
 
-With ``length_threshold`` (mean absolute pixel error, [0, 1] units) each image stops at the first iteration
-whose reconstruction error is ``<=`` the threshold; an image that never meets it gets the iteration with the
-lowest error (first one on ties). Images that stop are dropped from the batch, so they cost nothing more.
-Each image is decided on its own: results do not depend on what else is in the batch.
+Between iterations, dynamic halting (when a threshold is given) halts the 2D tokens whose ground-truth base code
+the decoder already predicts with probability ``>= halting_threshold``: the recurrent rollout replaces them by
+mask tokens, the cached rollout removes them from the keys of all later blocks.
 
-Work is done only where the request needs it: without halting or a length threshold, neither the decoder nor
-the pixel decoder runs, and token vectors are computed only after the last iteration.
+With ``length_threshold`` (mean absolute pixel error, [0, 1] units) each image stops at the first iteration whose
+reconstruction error is ``<=`` the threshold; an image that never meets it gets the iteration with the lowest
+error (the first one on ties). Images that stop leave the batch, so they cost nothing more. Each image is decided
+on its own: results do not depend on what else is in the batch.
+
+Work is done only where the request needs it: without halting or a length threshold, neither the decoder nor the
+pixel decoder runs, and token vectors are computed only after the last iteration. What does not depend on the
+image (latent blocks, decoder queries) is computed once per call.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class IterationRecord:
     token_ids: Tensor | None  # [n, L] int64 (quantized models)
     logits: Tensor  # [n, G2, K] float32 decoder logits over the base codebook
     gt_prob: Tensor  # [n, G2] decoder probability of each cell's base code
-    halt_mask: Tensor | None  # [n, G2] bool, True = masked from the next iteration on (halting only)
+    halt_mask: Tensor | None  # [n, G2] bool, True = halted from the next iteration on (halting only)
     reconstruction: Tensor  # [n, 3, R, R] float32, unclamped
     error: Tensor  # [n] float32 mean |reconstruction - input|
 
@@ -46,8 +52,74 @@ class IterationRecord:
 @dataclass
 class RolloutOutput:
     tokens: list[Tensor]  # per image: [L_i] int64 ids, or [L_i, D] float32 vectors
-    num_iterations: Tensor  # [N] int64, iterations used for each image's tokens (L_i / tokens_per_iteration)
+    num_iterations: Tensor  # [N] int64, iterations behind each image's tokens (L_i / tokens_per_iteration)
     errors: Tensor | None  # [N] float32 reconstruction error of the chosen length (length_threshold only)
+
+
+class RecurrentEncoderState:
+    """The authors' rollout: the whole sequence is re-encoded at every iteration."""
+
+    def __init__(self, model: ALITModel, prefix: Tensor, num_iterations: int):
+        self.encoder = model.encoder
+        self.num_prefix = prefix.shape[1]
+        block = self.encoder.latent_block(0).expand(prefix.shape[0], -1, -1)
+        self.x = self.encoder.norm_pre(torch.cat([prefix, block], dim=1))
+        self.halted_tokens = self.encoder.halted_image_tokens()
+
+    def step(self, iteration: int) -> Tensor:
+        """Run iteration ``iteration``; return the latents of all tokens so far, ``[n, L, W]``."""
+        if iteration > 0:
+            block = self.encoder.latent_block(iteration).expand(self.x.shape[0], -1, -1)
+            self.x = self.encoder.norm_recursive(torch.cat([self.x, block], dim=1))
+        self.x = self.encoder.transformer(self.x)
+        return self.x[:, self.num_prefix :]
+
+    def halt(self, mask: Tensor) -> None:
+        """Replace the 2D tokens ``mask`` ``[n, G2]`` by mask tokens."""
+        image_tokens = self.x[:, 1 : self.num_prefix]
+        image_tokens = torch.where(mask[..., None], self.halted_tokens.to(self.x.dtype), image_tokens)
+        self.x = torch.cat([self.x[:, :1], image_tokens, self.x[:, self.num_prefix :]], dim=1)
+
+    def select(self, rows: Tensor) -> None:
+        self.x = self.x[rows]
+
+
+class CachedEncoderState:
+    """Block-causal rollout: each iteration encodes one latent block against cached keys/values."""
+
+    def __init__(self, model: ALITModel, prefix: Tensor, num_iterations: int):
+        self.encoder = encoder = model.encoder
+        batch, self.num_prefix = prefix.shape[0], prefix.shape[1]
+        self.blocks = encoder.norm_pre(torch.stack([encoder.latent_block(t) for t in range(num_iterations)]))
+        self.prefix = encoder.norm_pre(prefix)
+        capacity = self.num_prefix + encoder.tokens_per_iteration * num_iterations
+        self.cache = encoder.transformer.new_cache(batch, capacity, like=self.prefix)
+        self.key_mask = torch.ones(batch, capacity, dtype=torch.bool, device=prefix.device)
+        self.latents: Tensor | None = None
+
+    def step(self, iteration: int) -> Tensor:
+        block = self.blocks[iteration].expand(self.key_mask.shape[0], -1, -1)
+        if iteration == 0:
+            out = self.encoder.transformer(torch.cat([self.prefix, block], dim=1), cache=self.cache)
+            self.latents = out[:, self.num_prefix :]
+            return self.latents
+        end = self.cache.length + block.shape[1]
+        mask = self.key_mask[:, None, None, :end] if not self.key_mask[:, :end].all() else None
+        out = self.encoder.transformer(block, mask, cache=self.cache)
+        self.latents = torch.cat([self.latents, out], dim=1)
+        return self.latents
+
+    def halt(self, mask: Tensor) -> None:
+        """Remove the 2D tokens ``mask`` ``[n, G2]`` from the keys of all later blocks."""
+        self.key_mask[:, 1 : self.num_prefix] &= ~mask
+
+    def select(self, rows: Tensor) -> None:
+        self.cache.select(rows)
+        self.key_mask = self.key_mask[rows]
+        self.latents = self.latents[rows]
+
+
+ENCODER_STATES = {"recurrent": RecurrentEncoderState, "cached": CachedEncoderState}
 
 
 def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_threshold: float | None = None,
@@ -59,50 +131,44 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
     probability, None for no halting. ``length_threshold``: per-image length choice by reconstruction error.
     ``trace``: called after every iteration with an :class:`IterationRecord`; tracing decodes and reconstructs
     at every iteration, as the authors' code does (used by the parity tests and the reference benchmark).
+    Call under ``torch.inference_mode()``.
     """
-    config, encoder = model.config, model.encoder
+    config = model.config
     if not 1 <= num_iterations <= config.max_iterations:
         raise ValueError(f"num_iterations must be in [1, {config.max_iterations}], got {num_iterations}")
-    dtype = encoder.norm_pre.weight.dtype
     batch = pixels.shape[0]
-    pixels = pixels.to(dtype)
+    pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
     features = model.base.encode(pixels)
-    need_gt = halting_threshold is not None or trace is not None
-    gt_ids = model.base.code_ids(features) if need_gt else None
-    x = encoder.embed_image(pixels, features)
-    num_prefix = x.shape[1]  # class token + 2D tokens
-    x = encoder.norm_pre(torch.cat([x, encoder.latent_block(0).expand(batch, -1, -1)], dim=1))
-    halted_tokens = encoder.halted_image_tokens() if halting_threshold is not None else None
+    gt_ids = model.base.code_ids(features) if halting_threshold is not None or trace is not None else None
+    state = ENCODER_STATES[config.rollout](model, model.encoder.embed_image(pixels, features), num_iterations)
+    decoder_queries = model.decoder.normed_queries()
 
+    selecting = length_threshold is not None
     active = torch.arange(batch, device=pixels.device)
     tokens: list[Tensor | None] = [None] * batch
     chosen = torch.full((batch,), num_iterations, dtype=torch.long)
-    best_error = torch.full((batch,), float("inf")) if length_threshold is not None else None
-    selecting = length_threshold is not None
+    best_error = torch.full((batch,), float("inf")) if selecting else None
 
     for t in range(num_iterations):
-        x = encoder.transformer(x)
+        latents = state.step(t)
         last = t == num_iterations - 1
         halting_now = halting_threshold is not None and not last
         need_logits = selecting or halting_now or trace is not None
         if not (last or need_logits):
-            x = encoder.norm_recursive(torch.cat([x, encoder.latent_block(t + 1).expand(len(active), -1, -1)], 1))
             continue
 
-        latents = x[:, num_prefix:]
-        vectors = encoder.to_token_vectors(latents).float()
+        vectors = model.encoder.to_token_vectors(latents).float()
         ids = model.quantizer.quantize(vectors) if model.quantizer is not None else None
         step_tokens = ids if ids is not None else vectors
         logits = gt_prob = halt_mask = recon = error = None
         if need_logits:
-            logits = model.decoder(model.decoder_inputs(step_tokens)).float()
+            logits = model.decoder(model.decoder_inputs(step_tokens), decoder_queries).float()
         if gt_ids is not None and logits is not None:
             gt_prob = torch.softmax(logits, dim=-1).gather(-1, gt_ids[:, :, None])[..., 0]
         if halting_threshold is not None and gt_prob is not None:
             halt_mask = gt_prob >= halting_threshold
             if not last:
-                image_tokens = torch.where(halt_mask[..., None], halted_tokens.to(x.dtype), x[:, 1:num_prefix])
-                x = torch.cat([x[:, :1], image_tokens, x[:, num_prefix:]], dim=1)
+                state.halt(halt_mask)
         if selecting or trace is not None:
             recon = model.reconstruct(logits).float()
             error = (recon - pixels.float()).abs().mean(dim=(1, 2, 3))
@@ -110,24 +176,24 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
             trace(IterationRecord(t, active.cpu(), latents.float(), vectors, ids, logits, gt_prob, halt_mask,
                                   recon, error))
 
-        if selecting:
-            error_cpu = error.cpu()
-            for row, image in enumerate(active.tolist()):
-                if error_cpu[row] < best_error[image]:
-                    best_error[image] = error_cpu[row]
+        if not selecting:
+            if last:
+                for row, image in enumerate(active.tolist()):
                     tokens[image] = step_tokens[row].clone()
-                    chosen[image] = t + 1
-            keep = error_cpu > length_threshold
-            if last or not keep.any():
-                break
-            if not keep.all():
-                keep_dev = keep.to(x.device)
-                active, x, pixels = active[keep_dev], x[keep_dev], pixels[keep_dev]
-                gt_ids = gt_ids[keep_dev] if gt_ids is not None else None
-        elif last:
-            for row, image in enumerate(active.tolist()):
+            continue
+        error_cpu = error.cpu()
+        for row, image in enumerate(active.tolist()):
+            if error_cpu[row] < best_error[image]:
+                best_error[image] = error_cpu[row]
                 tokens[image] = step_tokens[row].clone()
+                chosen[image] = t + 1
+        keep = error_cpu > length_threshold
+        if last or not keep.any():
             break
-        x = encoder.norm_recursive(torch.cat([x, encoder.latent_block(t + 1).expand(len(active), -1, -1)], dim=1))
+        if not keep.all():
+            rows = keep.nonzero()[:, 0].to(pixels.device)
+            active, pixels = active[rows], pixels[rows]
+            gt_ids = gt_ids[rows] if gt_ids is not None else None
+            state.select(rows)
 
     return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=best_error)  # type: ignore[arg-type]

@@ -1,11 +1,14 @@
-"""The rollout engine on small random models: work done only where needed, shapes, halting, compaction."""
+"""The rollout engine on small random models: work done only where needed, oracle equality, cached rollout."""
 
 import pytest
 import torch
 
 from adaptive_tokenizer import AdaptiveTokenizer, ModelConfig, VQGANConfig
 from adaptive_tokenizer.model import ALITModel
+from adaptive_tokenizer.latent_model import block_causal_mask
 from adaptive_tokenizer.rollout import rollout
+
+from .oracle import plain_rollout
 
 
 def small_model(**changes) -> ALITModel:
@@ -15,12 +18,13 @@ def small_model(**changes) -> ALITModel:
     config = ModelConfig(base=base, image_size=64, patch_size=4, encoder_width=64, encoder_layers=1,
                          encoder_heads=4, decoder_width=64, decoder_layers=1, decoder_heads=4, codebook_size=32,
                          tokens_per_iteration=8, max_iterations=4, decoder_max_latent_tokens=32, **changes)
-    model = ALITModel(config)
+    model = ALITModel(config)  # Linear/Conv/norm layers get torch's default init; fill the bare parameters
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * (0.3 if "norm" not in name else 0.1)
-                        + (1.0 if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight") else 0))
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     return model.eval()
 
 
@@ -45,20 +49,24 @@ def run(model, pixels, iterations, **kwargs):
     return out, encoder.batch_sizes, decoder.batch_sizes, pixel_decoder.batch_sizes
 
 
-def test_fixed_budget_runs_neither_decoder(pixels):
-    out, enc, dec, pix = run(small_model(), pixels, 3)
+@pytest.fixture(scope="module", params=["recurrent", "cached"])
+def model(request):
+    return small_model(rollout=request.param)
+
+
+def test_fixed_budget_runs_neither_decoder(model, pixels):
+    out, enc, dec, pix = run(model, pixels, 3)
     assert enc == [3, 3, 3] and dec == [] and pix == []
     assert [t.shape for t in out.tokens] == [(24,)] * 3 and out.errors is None
     assert out.num_iterations.tolist() == [3, 3, 3]
 
 
-def test_halting_decodes_logits_between_iterations_only(pixels):
-    out, enc, dec, pix = run(small_model(), pixels, 4, halting_threshold=0.05)
+def test_halting_decodes_logits_between_iterations_only(model, pixels):
+    out, enc, dec, pix = run(model, pixels, 4, halting_threshold=0.05)
     assert enc == [3] * 4 and dec == [3] * 3 and pix == []
 
 
-def test_halting_changes_later_iterations_only(pixels):
-    model = small_model()
+def test_halting_changes_later_iterations_only(model, pixels):
     plain, halted = [], []
     with torch.inference_mode():
         rollout(model, pixels, 3, trace=plain.append)
@@ -68,8 +76,7 @@ def test_halting_changes_later_iterations_only(pixels):
     assert not torch.allclose(plain[1].token_vectors, halted[1].token_vectors)
 
 
-def test_finished_images_leave_the_batch(pixels):
-    model = small_model()
+def test_finished_images_leave_the_batch(model, pixels):
     records = []
     with torch.inference_mode():
         rollout(model, pixels, 4, trace=records.append)
@@ -86,10 +93,10 @@ def test_finished_images_leave_the_batch(pixels):
     torch.testing.assert_close(out.errors, errors[torch.arange(3), out.num_iterations - 1])
 
 
-def test_trace_records_shapes(pixels):
+def test_trace_records_shapes(model, pixels):
     records = []
     with torch.inference_mode():
-        rollout(small_model(), pixels, 2, halting_threshold=0.5, trace=records.append)
+        rollout(model, pixels, 2, halting_threshold=0.5, trace=records.append)
     first, second = records
     assert first.token_ids.shape == (3, 8) and second.token_ids.shape == (3, 16)
     assert second.latents.shape == (3, 16, 64) and second.token_vectors.shape == (3, 16, 12)
@@ -108,3 +115,74 @@ def test_unfactorized_continuous_model(pixels):
 def test_iteration_count_is_checked(pixels):
     with pytest.raises(ValueError, match="num_iterations"):
         rollout(small_model(), pixels, 5)
+
+
+# ---- the engine against the plain oracle (tests/oracle.py) --------------------------------------------------
+@pytest.mark.parametrize("halting", [None, 0.02, 0.0])
+def test_tokens_equal_the_plain_rollout(model, pixels, halting):
+    with torch.inference_mode():
+        steps = plain_rollout(model, pixels, 4, halting)
+        for iterations in (1, 2, 4):
+            out = rollout(model, pixels, iterations, halting_threshold=halting)
+            assert torch.equal(torch.stack(out.tokens), steps[iterations - 1]["tokens"])
+        # Adaptive length: the oracle's per-iteration errors give the expected choice.
+        errors = torch.stack([step["error"] for step in steps], dim=1)
+        threshold = float(errors.median())
+        out = rollout(model, pixels, 4, halting_threshold=halting, length_threshold=threshold)
+        for image in range(3):
+            met = (errors[image] <= threshold).nonzero()
+            expected = int(met[0]) if len(met) else int(errors[image].argmin())
+            assert out.num_iterations[image] == expected + 1
+            assert torch.equal(out.tokens[image], steps[expected]["tokens"][image])
+
+
+# ---- cached rollout ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cached_model():
+    return small_model(rollout="cached")
+
+
+@pytest.mark.parametrize("halting", [None, 0.02])
+def test_incremental_equals_block_causal_single_pass(cached_model, pixels, halting):
+    records = []
+    with torch.inference_mode():
+        rollout(cached_model, pixels, 4, halting_threshold=halting, trace=records.append)
+        prefix = cached_model.encoder.embed_image(pixels, cached_model.base.encode(pixels))
+        halted = torch.zeros(3, 4, 256, dtype=torch.bool)
+        if halting is not None:
+            for t in range(3):
+                halted[:, t + 1] = halted[:, t] | records[t].halt_mask
+            assert halted[:, 1:].any() and not halted[:, 1:].all()  # halting really acts
+        single_pass = cached_model.encoder.forward_block_causal(prefix, 4, halted)
+    torch.testing.assert_close(records[-1].latents, single_pass, atol=1e-5, rtol=0)
+
+
+def test_smaller_budgets_are_prefixes(cached_model, pixels):
+    tok = AdaptiveTokenizer(cached_model)
+    full = tok.encode(pixels, budget=32)
+    longest = tok.encode(pixels, budget=8)
+    for budget in (8, 16, 24):
+        shorter = tok.encode(pixels, budget=budget)
+        assert all(torch.equal(s, f[:budget]) for s, f in zip(shorter.tokens, full.tokens))
+    assert torch.equal(longest.tokens[0], full.tokens[0][:8])
+
+
+def test_cached_iteration_encodes_one_block(cached_model, pixels):
+    lengths = []
+    handle = cached_model.encoder.transformer.register_forward_hook(lambda _m, args, _o: lengths.append(args[0].shape[1]))
+    with torch.inference_mode():
+        rollout(cached_model, pixels, 4)
+    handle.remove()
+    assert lengths == [1 + 256 + 8, 8, 8, 8]
+
+
+def test_block_causal_mask_layout():
+    mask = block_causal_mask(num_prefix=3, tokens_per_iteration=2, num_iterations=3)[0, 0]
+    expected = torch.tensor([
+        # prefix (3) + block 0 (2) attend among themselves; block 1 adds itself; block 2 sees everything.
+        [1, 1, 1, 1, 1, 0, 0, 0, 0]] * 5 + [[1, 1, 1, 1, 1, 1, 1, 0, 0]] * 2 + [[1] * 9] * 2, dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    halted = torch.zeros(1, 3, 2, dtype=torch.bool)
+    halted[0, 2, 1] = True  # 2D token 1 (position 2) halted before block 2
+    mask = block_causal_mask(3, 2, 3, halted)[0, 0]
+    assert not mask[7:, 2].any() and mask[5:7, 2].all() and mask[:5, 2].all()
