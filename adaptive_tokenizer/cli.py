@@ -1,4 +1,4 @@
-"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,info}``.
+"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,info,models,push}``.
 
 Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
 for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
@@ -12,6 +12,7 @@ FileNotFoundError or TypeError) print one line ``adaptive-tokenizer: error: ...`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,10 @@ from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
+from .bench import add_arguments as add_bench_arguments
+from .bench import run_benchmark
 from .convert import convert_checkpoint
+from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
 from .image_io import list_image_files, load_images, to_pil
 from .tokenizer import AdaptiveTokenizer, EncodeResult, write_atomic
 
@@ -128,7 +132,7 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
 
 
 def load_tokenizer(args: argparse.Namespace) -> AdaptiveTokenizer:
-    """The model of ``--model`` on ``--device`` in ``--dtype``."""
+    """The model of ``--model`` (anything ``from_pretrained`` takes) on ``--device`` in ``--dtype``."""
     return AdaptiveTokenizer.from_pretrained(args.model, device=parse_device(args.device), dtype=args.dtype)
 
 
@@ -271,6 +275,51 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the pretrained models of the weights manifest."""
+    manifest = load_manifest(args.manifest) if args.manifest else load_manifest()
+    entries = list_pretrained(manifest)
+    if not entries:
+        print(f"no pretrained models in this version's manifest ({manifest.path}); --model also takes a Hub repo "
+              "id org/name[@revision] or a directory holding config.json + model.safetensors")
+        return 0
+    rows = [("NAME", "TOKENS", "LATENT", "WHERE", "DESCRIPTION")]
+    rows += [(e.name, f"{e.tokens_min}-{e.tokens_max} (step {e.tokens_step})", e.latent_kind,
+              e.where + (" (default)" if e.name == manifest.default else ""), e.description) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Publish a model to a Hub repo with a model card, download it back, print its manifest location and files."""
+    tok = AdaptiveTokenizer.from_pretrained(args.model)
+    card = {"description": args.description, "license": args.license, "training_data": args.training_data,
+            "recipe": args.recipe}
+    info = dataclasses.replace(tok.info or ModelInfo(), **{k: v for k, v in card.items() if v is not None})
+    commit = tok.push_to_hub(args.repo_id, revision=args.revision, private=args.private or None,
+                             commit_message=args.message, info=info)
+    pushed = resolve(f"{args.repo_id}@{commit.oid}").directory
+    files = {name: dataclasses.asdict(file_entry(pushed / name)) for name in MODEL_FILES}
+    print(f"pushed {args.model} -> {args.repo_id} at commit {commit.oid} ({commit.commit_url})")
+    print("manifest location and files (downloaded back from the Hub):")
+    print(json.dumps({"location": {"repo_id": args.repo_id, "revision": commit.oid}, "files": files}, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Speed benchmark (see adaptive_tokenizer/bench.py); the last output line is a JSON summary."""
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise UsageError(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
+    parse_device(args.device)
+    run_benchmark(args.size, args.batch, args.threads, args.device, args.dtype, args.repeats, args.target_tokens,
+                  budgets, per_image_check=not args.no_per_image_check)
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     """argparse type for sizes such as ``--batch-size``."""
@@ -281,6 +330,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+_MODEL_HELP = ("a model name (see `adaptive-tokenizer models`), a Hub repo id org/name[@revision], or a directory "
+               "holding config.json + model.safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,12 +379,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model's config and parameter counts")
     _model_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the pretrained models of the weights manifest")
+    p.add_argument("--manifest", metavar="MANIFEST.json", help="another manifest (default: the shipped one)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("push", help="publish a model to a Hub repo (config, weights, model card)")
+    p.add_argument("--model", required=True, metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("repo_id", metavar="ORG/NAME")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if needed (default: main)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--message", default="Upload ALIT model", help="commit message")
+    for flag in ("description", "license", "training-data", "recipe"):
+        p.add_argument(f"--{flag}", metavar="TEXT",
+                       help=f"model card {flag.replace('-', ' ')} (default: from the manifest entry)")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("bench", help="speed benchmark: the authors' encode algorithm vs ours, same run")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="model directory (config.json + model.safetensors)")
+    parser.add_argument("--model", required=True, metavar="MODEL", help=_MODEL_HELP)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default=None, metavar="DTYPE",
                         help="float32 (default), bfloat16, or float16 (CUDA only)")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,12 +17,13 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .config import ModelConfig
+from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, load_images
 from .model import ALITModel
 from .rollout import IterationRecord, rollout
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -60,48 +63,85 @@ class EncodeResult:
 class AdaptiveTokenizer:
     """Image <-> variable-length token sequences (ALIT).
 
-    >>> tok = AdaptiveTokenizer.from_pretrained("path/to/model_dir")
+    >>> tok = AdaptiveTokenizer.from_pretrained("org/name")             # or a manifest name, or a directory
     >>> result = tok.encode("photo.jpg", budget=64)            # 64 tokens
     >>> result = tok.encode(images, halt_threshold=0.07)        # per-image length
     >>> pixels = tok.decode(result)                              # [N, 3, H, W] in [0, 1]
     """
 
-    def __init__(self, model: ALITModel, *, batch_size: int = 16):
+    def __init__(self, model: ALITModel, *, batch_size: int = 16, info: ModelInfo | None = None):
         self.model = model.eval().requires_grad_(False)
         self.config = model.config
         self.batch_size = batch_size
+        self.info = info  # model card facts (description, licence, provenance); from the manifest when loaded by name
 
     # ---- loading / saving ----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
-        """Load a model directory holding ``config.json`` + ``model.safetensors``.
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None,
+                        manifest: str | os.PathLike | Manifest | None = None) -> "AdaptiveTokenizer":
+        """Load a model: the embedded default (no argument), a manifest name (``list_pretrained()``), a Hub repo id
+        ``org/name[@revision]`` or a local directory holding ``config.json`` + ``model.safetensors``.
 
-        ``device``: default CPU. ``dtype``: float32 (default) or bfloat16 anywhere, float16 on CUDA only.
+        ``revision``, ``cache_dir``, ``local_files_only``, ``token``: for Hub downloads (``huggingface_hub`` cache;
+        ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` apply). Manifest files are checked against their sha256 before loading
+        (:class:`~adaptive_tokenizer.hub.ChecksumError`); a model that cannot be found, or is not cached while
+        offline, raises :class:`~adaptive_tokenizer.hub.ModelNotFoundError`. ``manifest``: another manifest file
+        (default: the one shipped with the package). ``device``: default CPU. ``dtype``: float32 (default) or
+        bfloat16 anywhere, float16 on CUDA only. Nothing is ever unpickled.
         """
-        if name_or_path is None:
-            raise FileNotFoundError(
-                "no embedded default model ships with this version of adaptive-tokenizer yet; pass a directory "
-                "holding config.json and model.safetensors (convert the authors' checkpoints with "
-                "`adaptive-tokenizer convert CKPT.pth OUT_DIR`)")
-        directory = Path(name_or_path)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no model directory at {directory}: from_pretrained expects a directory "
-                                    f"holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config, weights = load_model_files(directory)
+        resolved = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                           token=token, manifest=manifest)
+        config, weights = load_model_files(resolved.directory)
+        if resolved.entry is not None:
+            resolved.entry.check_config(config)
         model = ALITModel(config)
         model.load_state_dict(weights, strict=True, assign=True)
-        return cls(model).to(device=device, dtype=dtype)
+        info = resolved.entry.info if resolved.entry is not None else None
+        return cls(model, info=info).to(device=device, dtype=dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (float32) to ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, *, info: ModelInfo | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` (float32) and a model card ``README.md`` to ``directory``.
+
+        ``info``: the card's description, licence and provenance (default ``self.info``).
+        """
+        self._save(directory, info, load_as=None)
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, revision: str | None = None,
+                    private: bool | None = None, commit_message: str = "Upload ALIT model",
+                    info: ModelInfo | None = None) -> CommitInfo:
+        """Publish this model to the Hub repo ``repo_id`` (created if needed; ``revision``: a branch, created if
+        needed) as ``config.json``, ``model.safetensors`` and a model card. Returns the commit: pin ``.oid`` in a
+        manifest entry to make the model loadable by name."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self._save(tmp, info, load_as=repo_id)
+            return push_folder(tmp, repo_id, token=token, revision=revision, private=private,
+                               commit_message=commit_message)
+
+    def _save(self, directory: str | os.PathLike, info: ModelInfo | None, load_as: str | None) -> None:
         weights = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
         save_model_files(directory, self.config, weights)
+        card = render_model_card(self.config, info or self.info, load_as=load_as)
+        write_atomic(Path(directory) / CARD_NAME, card.encode())
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
         device = torch.device(device if device is not None else "cpu")
         dtype = _resolve_dtype(dtype, device)
         self.model.to(device=device, dtype=dtype)
+        return self
+
+    def compile(self, **compile_kwargs) -> "AdaptiveTokenizer":
+        """``torch.compile`` the hot modules in place (base encoder/decoder, encoder and decoder transformers).
+
+        Shapes vary with the budget and batch, so ``dynamic=True`` is the default. Tokens equal eager mode's
+        (tested); the first calls are slow while graphs compile.
+        """
+        compile_kwargs.setdefault("dynamic", True)
+        model = self.model
+        for module in (model.base.encoder, model.base.decoder, model.encoder.transformer, model.decoder):
+            module.compile(**compile_kwargs)
         return self
 
     @property

@@ -241,7 +241,7 @@ def test_from_pretrained_errors(tmp_path, converted_dirs):
 
 def test_save_pretrained_round_trip(tok_a, images, tmp_path):
     tok_a.save_pretrained(tmp_path / "copy")
-    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     copy = AdaptiveTokenizer.from_pretrained(tmp_path / "copy")
     assert copy.config == tok_a.config
     assert torch.equal(copy.encode(images[0], budget=64).tokens[0], tok_a.encode(images[0], budget=64).tokens[0])

@@ -1,0 +1,234 @@
+"""Speed benchmark: the authors' encode algorithm against our rollout, side by side in one process.
+
+Same weights (random), same inputs, threads fixed. Measures images/s and peak memory of:
+
+1. ``reference``: the authors' ``encode()`` algorithm, reproduced faithfully with our modules: all iterations,
+   the decoder at every iteration, a pixel decode at every iteration, one length for the whole batch (first
+   iteration whose batch-mean error is below the threshold, else the lowest);
+2. ``fixed<B>``: ours at fixed budgets;
+3. ``adaptive``: ours with ``halt_threshold`` (per image, early exit), at the threshold whose mean chosen length
+   is closest to ``--target-tokens``; its chosen lengths are checked against the authors' rule applied to each
+   image alone;
+4. ``recurrent`` vs ``cached`` rollout at equal size, 256 tokens.
+
+The last line printed is one JSON object with the ratios (images/s over images/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig, VQGANConfig
+from .model import ALITModel
+from .rollout import IterationRecord, rollout
+
+PRESETS: dict[str, ModelConfig] = {
+    # The authors' alit_small: width 1024, 8 + 8 layers, 8 heads, their VQGAN ddconfig, 256 px.
+    "alit_small": ModelConfig(
+        base=VQGANConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codebook_size=1024,
+                         codebook_dim=256, resolution=256),
+        image_size=256, patch_size=16, encoder_width=1024, encoder_layers=8, encoder_heads=8, decoder_width=1024,
+        decoder_layers=8, decoder_heads=8, dynamic_halting=False),
+    # The size of the embedded default model: 128 px, f8 VQ autoencoder, width 256, 4 + 4 layers.
+    "default": ModelConfig(
+        base=VQGANConfig(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, codebook_size=1024,
+                         codebook_dim=64, resolution=128),
+        image_size=128, patch_size=8, encoder_width=256, encoder_layers=4, encoder_heads=8, decoder_width=256,
+        decoder_layers=4, decoder_heads=8, dynamic_halting=False, rollout="cached"),
+}
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> ALITModel:
+    """A model of ``config`` with random weights of realistic scale (speed does not depend on the values)."""
+    torch.manual_seed(seed)
+    model = ALITModel(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                continue  # torch's default initialisation
+            for param in module.parameters(recurse=False):
+                param.normal_(0, 0.5)  # embeddings, mask/class tokens, codebooks
+    return model.eval()
+
+
+def reference_choice(errors: torch.Tensor, threshold: float) -> int:
+    """The authors' rule on errors ``[I]``: first iteration whose running minimum is below the threshold, else
+    the lowest error. Returns the 0-based iteration."""
+    best, best_iteration = float("inf"), 0
+    for iteration, error in enumerate(errors.tolist()):
+        if error < best:
+            best, best_iteration = error, iteration
+        if best < threshold:
+            return best_iteration
+    return best_iteration
+
+
+def reference_encode(model: ALITModel, pixels: torch.Tensor, threshold: float) -> tuple[int, torch.Tensor]:
+    """The authors' encode(): every iteration decoded to pixels; one length for the batch.
+
+    Returns (chosen 0-based iteration for the batch, per-image errors ``[N, I]``).
+    """
+    records: list[IterationRecord] = []
+    rollout(model, pixels, model.config.max_iterations,
+            halting_threshold=model.config.dynamic_halting_threshold if model.config.dynamic_halting else None,
+            trace=records.append)
+    errors = torch.stack([r.error.cpu() for r in records], dim=1)
+    return reference_choice(errors.mean(dim=0), threshold), errors
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA allocator peak, or the process RSS sampled every 2 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss() - self.base)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss() - self.base)
+
+
+@dataclass
+class Measurement:
+    name: str
+    images_per_s: float
+    peak_mib: float
+    note: str = ""
+
+
+def measure(name: str, fn: Callable[[], object], batch: int, device: torch.device, repeats: int,
+            note: str = "") -> tuple[Measurement, object]:
+    """Best of ``repeats`` timed runs (after one warm-up that is also the memory measurement)."""
+    with PeakMemory(device) as memory, torch.inference_mode():
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Measurement(name, batch / min(times), memory.peak / 2**20, note), out
+
+
+def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: str, dtype: str, repeats: int,
+                  target_tokens: int, budgets: list[int], per_image_check: bool,
+                  print_fn: Callable[[str], None] = print) -> dict:
+    """Run every measurement (see the module docstring); print a table, then one JSON line; return the JSON."""
+    if batch < 1 or threads < 1 or repeats < 1:
+        raise ValueError("batch, threads and repeats must be positive")
+    config = PRESETS[preset] if isinstance(preset, str) else preset
+    if any(b % config.tokens_per_iteration or not 0 < b <= config.max_tokens for b in budgets):
+        raise ValueError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
+    preset = preset if isinstance(preset, str) else "custom"
+    torch.set_num_threads(threads)
+    device_ = torch.device(device)
+    dtype_ = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    recurrent = random_model(config.replace(rollout="recurrent")).to(device_, dtype_)
+    cached = random_model(config.replace(rollout="cached")).to(device_, dtype_)
+    ours = cached if config.rollout == "cached" else recurrent
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.rand(batch, 3, config.image_size, config.image_size, generator=generator).to(device_)
+    per = config.tokens_per_iteration
+    print_fn(f"preset {preset}: width {config.encoder_width}, {config.encoder_layers}+{config.decoder_layers} "
+             f"layers, {config.image_size} px, rollout {config.rollout}; batch {batch}, {threads} threads, "
+             f"{device_} {dtype}, best of {repeats}")
+
+    # Calibrate the adaptive threshold on one traced run (not timed): the authors' rule per image.
+    with torch.inference_mode():
+        _, errors = reference_encode(ours, pixels, 0.0)
+
+    def mean_tokens(threshold: float) -> float:
+        return per * (1 + sum(reference_choice(row, threshold) for row in errors) / len(errors))
+
+    candidates = sorted(set(errors.flatten().tolist()))
+    thresholds = [(a + b) / 2 for a, b in zip(candidates, candidates[1:])] or candidates
+    threshold = min(thresholds, key=lambda thr: abs(mean_tokens(thr) - target_tokens))
+
+    results: list[Measurement] = []
+    reference, (batch_choice, _) = measure("reference (authors' encode)",
+                                           lambda: reference_encode(ours, pixels, threshold), batch, device_,
+                                           repeats, "8 iterations, decoder + pixel decode each, batch-level length")
+    results.append(reference)
+    for budget in budgets:
+        m, _ = measure(f"fixed {budget}", lambda b=budget: rollout(ours, pixels, b // per), batch, device_, repeats)
+        results.append(m)
+    adaptive, out = measure("adaptive", lambda: rollout(ours, pixels, config.max_iterations,
+                                                         length_threshold=threshold),
+                            batch, device_, repeats, f"threshold {threshold:.6f}")
+    chosen = [int(n) for n in out.num_iterations]  # type: ignore[attr-defined]
+    per_image = [reference_choice(row, threshold) + 1 for row in errors]
+    if per_image_check:  # the authors' encode() run on each image alone
+        per_image = [reference_encode(ours, pixels[i : i + 1], threshold)[0] + 1 for i in range(batch)]
+    agree = chosen == per_image
+    adaptive.note += f", mean {per * sum(chosen) / batch:.0f} tokens, per-image agreement with reference: {agree}"
+    results.append(adaptive)
+    rec, _ = measure("recurrent 256", lambda: rollout(recurrent, pixels, config.max_iterations), batch, device_, repeats)
+    cac, _ = measure("cached 256", lambda: rollout(cached, pixels, config.max_iterations), batch, device_, repeats)
+    results += [rec, cac]
+
+    print_fn(f"{'what':<28} {'images/s':>10} {'vs reference':>13} {'peak MiB':>10}  note")
+    for m in results:
+        print_fn(f"{m.name:<28} {m.images_per_s:>10.3f} {m.images_per_s / reference.images_per_s:>12.2f}x "
+                 f"{m.peak_mib:>10.0f}  {m.note}")
+    fixed64 = next((m for m in results if m.name == "fixed 64"), None)
+    summary = {
+        "preset": preset, "batch": batch, "threads": threads, "device": str(device_), "dtype": dtype,
+        "fixed64_vs_reference": round(fixed64.images_per_s / reference.images_per_s, 3) if fixed64 else None,
+        "adaptive_vs_reference": round(adaptive.images_per_s / reference.images_per_s, 3),
+        "cached_vs_recurrent": round(cac.images_per_s / rec.images_per_s, 3),
+        "adaptive_mean_tokens": per * sum(chosen) / batch,
+        "adaptive_agrees_with_reference_per_image": agree,
+        "reference_batch_tokens": per * (batch_choice + 1),
+        "images_per_s": {m.name: round(m.images_per_s, 4) for m in results},
+    }
+    print_fn(json.dumps(summary))
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=sorted(PRESETS), default="default", help="model size preset")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--target-tokens", type=int, default=128, help="mean adaptive length to calibrate for")
+    parser.add_argument("--budgets", default="32,64,128,256")
+    parser.add_argument("--no-per-image-check", action="store_true",
+                        help="derive the per-image reference choice from the batch run instead of re-running")

@@ -1,0 +1,38 @@
+"""The benchmark runs end to end on a tiny model and reports what the README promises."""
+
+import json
+
+import pytest
+
+from adaptive_tokenizer.bench import reference_choice, run_benchmark
+from adaptive_tokenizer.cli import main
+
+from .test_rollout import small_model
+
+
+def test_reference_choice_is_the_authors_rule():
+    import torch
+
+    errors = torch.tensor([0.5, 0.4, 0.45, 0.3])
+    assert reference_choice(errors, 0.0) == 3  # never met: lowest error
+    assert reference_choice(errors, 10.0) == 0  # met at once
+    assert reference_choice(errors, 0.42) == 1  # first running minimum below the threshold
+    assert reference_choice(torch.tensor([0.5, 0.4, 0.4]), 0.0) == 1  # ties: the first
+
+
+def test_benchmark_reports_ratios_and_agreement():
+    lines = []
+    config = small_model(rollout="cached").config
+    summary = run_benchmark(config, batch=3, threads=1, device="cpu", dtype="float32", repeats=1,
+                            target_tokens=16, budgets=[8, 16, 32], per_image_check=True, print_fn=lines.append)
+    assert json.loads(lines[-1]) == summary
+    for key in ("fixed64_vs_reference", "adaptive_vs_reference", "cached_vs_recurrent"):
+        assert key in summary
+    assert summary["adaptive_agrees_with_reference_per_image"] is True
+    assert summary["adaptive_vs_reference"] > 0 and summary["cached_vs_recurrent"] > 0
+    assert any(line.startswith("reference") for line in lines)
+
+
+def test_bench_cli_rejects_bad_budgets(capsys):
+    assert main(["bench", "--budgets", "64,x"]) == 2
+    assert "budgets" in capsys.readouterr().err
