@@ -1,4 +1,4 @@
-"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,info,models,push}``.
+"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,evaluate,info,models,push,bench}``.
 
 Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
 for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
@@ -29,8 +28,9 @@ from tqdm import tqdm
 from .bench import add_arguments as add_bench_arguments
 from .bench import run_benchmark
 from .convert import convert_checkpoint
+from .evaluate import evaluate_folder, format_table, parse_thresholds
 from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
-from .image_io import list_image_files, load_images, to_pil
+from .image_io import labelled_strip, list_image_files, load_images, to_pil
 from .tokenizer import AdaptiveTokenizer, EncodeResult, write_atomic
 
 PROG = "adaptive-tokenizer"
@@ -164,23 +164,6 @@ def output_names(sources: Sequence[str], suffix: str = ".png") -> list[str]:
     return names
 
 
-def labelled_strip(panels: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
-    """Panels side by side (no gaps), each with its label centred in a white band below it."""
-    font = ImageFont.load_default()
-    left, top, right, bottom = font.getbbox("Ag0")
-    band = (bottom - top) + 8
-    width, height = sum(p.width for p in panels), max(p.height for p in panels)
-    strip = Image.new("RGB", (width, height + band), "white")
-    draw = ImageDraw.Draw(strip)
-    x = 0
-    for panel, label in zip(panels, labels, strict=True):
-        strip.paste(panel.convert("RGB"), (x, 0))
-        text_width = draw.textlength(label, font=font)
-        draw.text((x + (panel.width - text_width) / 2, height + 4 - top), label, fill="black", font=font)
-        x += panel.width
-    return strip
-
-
 def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
                  halt_threshold: float | None) -> EncodeResult:
     """``tok.encode`` over ``paths`` in batches (so only a batch of images is in memory), with a progress bar."""
@@ -262,6 +245,28 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     for label in labels[1:]:
         print(label)
     print(f"wrote {args.output} ({strip.width}x{strip.height})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Quality per budget, adaptive length and complexity on a folder: OUT_DIR/report.json + PNG figures."""
+
+    if not os.path.isdir(args.folder):
+        raise FileNotFoundError(f"no such folder: {args.folder}")
+    thresholds = parse_thresholds(args.thresholds) if args.thresholds is not None else None
+    tok = load_tokenizer(args)
+    tok.batch_size = args.batch_size
+    command = [PROG, "evaluate", args.folder, "--model", args.model, "-o", args.output, "--batch-size",
+               str(args.batch_size), "--device", args.device]
+    for flag, value in (("--max-images", args.max_images), ("--thresholds", args.thresholds),
+                        ("--max-tokens", args.max_tokens), ("--dtype", args.dtype)):
+        command += [flag, str(value)] if value is not None else []
+    report = evaluate_folder(tok, args.folder, args.output, max_images=args.max_images, thresholds=thresholds,
+                             batch_size=args.batch_size, max_tokens=args.max_tokens, model_name=args.model,
+                             command=command)
+    print(format_table(report))
+    print(f"wrote {Path(args.output) / 'report.json'} and {len(report['figures'])} figures "
+          f"({report['metadata']['elapsed_s']:.1f} s)")
     return 0
 
 
@@ -375,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="STRIP.png")
     p.add_argument("--max-tokens", type=int, metavar="N", help="largest budget shown (default: model max)")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("evaluate", help="quality per token budget and adaptive length on a folder of images: "
+                                        "report.json + PNG figures")
+    _model_options(p)
+    p.add_argument("folder", metavar="FOLDER", help="folder of images (files directly inside it)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    p.add_argument("--max-images", type=_positive_int, metavar="N", help="only the first N images (by name)")
+    p.add_argument("--thresholds", metavar="E1,E2,...",
+                   help="adaptive halt thresholds (default: chosen so mean lengths span the range, one near 128)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="largest budget evaluated (default: model max)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per batch (default: 8)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="print a model's config and parameter counts")
     _model_options(p)

@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
@@ -147,3 +147,20 @@ def to_pil(pixels: Tensor) -> Image.Image:
     """``[3, H, W]`` float (clamped to [0, 1]) -> RGB PIL image."""
     array = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+def labelled_strip(panels: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
+    """Panels side by side (no gaps), each with its label centred in a white band below it."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox("Ag0")
+    band = (bottom - top) + 8
+    width, height = sum(p.width for p in panels), max(p.height for p in panels)
+    strip = Image.new("RGB", (width, height + band), "white")
+    draw = ImageDraw.Draw(strip)
+    x = 0
+    for panel, label in zip(panels, labels, strict=True):
+        strip.paste(panel.convert("RGB"), (x, 0))
+        text_width = draw.textlength(label, font=font)
+        draw.text((x + (panel.width - text_width) / 2, height + 4 - top), label, fill="black", font=font)
+        x += panel.width
+    return strip

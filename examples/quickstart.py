@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 
 from adaptive_tokenizer import AdaptiveTokenizer
-from adaptive_tokenizer.cli import labelled_strip
-from adaptive_tokenizer.image_io import load_images, to_pil
+from adaptive_tokenizer.image_io import labelled_strip, load_images, to_pil
 
 BUDGETS = (32, 64, 128, 256)
 

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from adaptive_tokenizer.bench import reference_choice, run_benchmark
 from adaptive_tokenizer.cli import main
 

@@ -1,0 +1,722 @@
+"""Evaluation on a folder of images: reconstruction quality per token budget, adaptive length, image complexity.
+
+``adaptive-tokenizer evaluate FOLDER --model MODEL -o OUT_DIR`` (or :func:`evaluate_folder`) writes
+``OUT_DIR/report.json`` and four PNG figures (``grid.png``, ``l1_vs_tokens.png``, ``lengths_histogram.png``,
+``length_vs_complexity.png``) and prints a compact table.
+
+What is measured (every image preprocessed as the model sees it: resized, centre-cropped to its resolution):
+
+* **Fixed budgets** 32, 64, ..., max: mean L1, PSNR and SSIM of the reconstruction *clamped to [0, 1]* against the
+  preprocessed input, from one rollout per image (``AdaptiveTokenizer.reconstructions``). ``error_unclamped`` is
+  the mean of the errors ``reconstructions`` returns: the unclamped L1 that ``halt_threshold`` compares.
+* **Base ceiling**: the VQGAN's own reconstruction (encode -> nearest codes -> ``decode_ids``), same metrics.
+* **Adaptive length** at several thresholds: each image's length is the first budget whose *unclamped* error is
+  ``<=`` the threshold, else the budget with the lowest error (first on ties): exactly the rule of
+  ``encode(halt_threshold=...)`` (the tests check they agree). Reported: mean tokens, mean L1 of the chosen
+  (clamped) reconstruction, a histogram of lengths. The threshold whose mean length is closest to
+  ``target_tokens`` (128) is compared with a fixed budget of 128 for every image.
+* **Complexity**: JPEG bytes per pixel of the model-resolution input (PIL, quality 90, default 4:2:0 chroma
+  subsampling, in memory); Spearman correlations of complexity with the chosen length (at the ~128 threshold) and
+  with the L1 error at each fixed budget.
+
+Metric conventions: pixels in [0, 1]. PSNR = ``10 log10(1 / MSE)`` per image, then averaged over images; identical
+images would give infinity, so PSNR is **capped at** :data:`PSNR_CAP_DB` (100 dB: MSE floored at 1e-10), which keeps
+``report.json`` valid JSON. SSIM is Wang et al. (2004): Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, data
+range 1, "valid" filtering (no padding), the SSIM map averaged per channel, then over the three RGB channels (no
+downsampling: at 256 px Wang's reference code would not downsample either), filtered in float32.
+``ssim(x, x) == 1`` exactly.
+
+Automatic thresholds: the per-image choice only changes at the observed (unclamped) errors, so every distinct
+outcome is reached by a threshold between two consecutive distinct error values. For target mean lengths evenly
+spread from the shortest to the longest achievable mean (and ``target_tokens``), the candidate whose mean length is
+closest is kept; each kept threshold is a short decimal inside the middle half of its gap, so tiny numeric
+differences between batched rollouts cannot change a choice.
+
+Figures (PIL only, drawn by the small :class:`Plot` helper): ``grid.png``, up to 4 images spread over complexity
+(least to most complex; their rollouts are re-run after the pass when the folder has more images), each row the
+input, every budget and the VQGAN ceiling, labelled with L1; ``l1_vs_tokens.png``, mean L1 per budget, the ceiling
+as a dashed line and the adaptive levels at their mean lengths; ``lengths_histogram.png``, chosen lengths per
+threshold; ``length_vs_complexity.png``, chosen length at the ~128 threshold against complexity, Spearman in the
+title. ``metadata.elapsed_s`` is the evaluation's wall time (model loading excluded).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from tqdm import tqdm
+
+from .image_io import labelled_strip, list_image_files, load_images, to_pil
+from .tokenizer import AdaptiveTokenizer
+
+REPORT_FORMAT = "adaptive-tokenizer-evaluation/1"
+PSNR_CAP_DB = 100.0
+JPEG_QUALITY = 90
+TARGET_TOKENS = 128
+FIGURES = {"grid": "grid.png", "l1_vs_tokens": "l1_vs_tokens.png", "lengths_histogram": "lengths_histogram.png",
+           "length_vs_complexity": "length_vs_complexity.png"}
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def l1_error(x: Tensor, y: Tensor) -> Tensor:
+    """Mean absolute difference per image: ``[N, C, H, W]`` x2 -> ``[N]`` (float64)."""
+    return (x.double() - y.double()).abs().mean(dim=(1, 2, 3))
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """PSNR in dB per image, ``[N]``; identical images give :data:`PSNR_CAP_DB` (MSE floored at 1e-10)."""
+    mse = (x.double() - y.double()).pow(2).mean(dim=(1, 2, 3))
+    floor = data_range ** 2 * 10 ** (-PSNR_CAP_DB / 10)
+    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(floor))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Normalised 1-D Gaussian, float64 ``[size]``."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    window = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    return window / window.sum()
+
+
+def ssim(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
+         k1: float = 0.01, k2: float = 0.03) -> Tensor:
+    """SSIM (Wang et al. 2004) per image, ``[N, C, H, W]`` x2 -> ``[N]`` float64: the SSIM map (Gaussian window,
+    "valid" filtering) averaged per channel, then over channels. The filtering runs in float32 (17x faster than
+    float64 on CPU; results differ by < 1e-6); ``ssim(x, x)`` is exactly 1."""
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two [N, C, H, W] tensors of the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"ssim needs images of at least {window_size}x{window_size} pixels, got {tuple(x.shape)}")
+    x, y = x.float(), y.float()
+    channels = x.shape[1]
+    groups = 5 * channels
+    window = gaussian_window(window_size, sigma).to(device=x.device, dtype=torch.float32)
+    kernel_h = window.view(1, 1, 1, -1).expand(groups, 1, 1, window_size)
+    kernel_v = window.view(1, 1, -1, 1).expand(groups, 1, window_size, 1)
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    blurred = F.conv2d(F.conv2d(stacked, kernel_h, groups=groups), kernel_v, groups=groups)
+    mu_x, mu_y, mean_xx, mean_yy, mean_xy = blurred.split(channels, dim=1)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    sigma_x, sigma_y = mean_xx - mu_x * mu_x, mean_yy - mu_y * mu_y
+    sigma_xy = mean_xy - mu_x * mu_y
+    ssim_map = (((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2))
+                / ((mu_x * mu_x + mu_y * mu_y + c1) * (sigma_x + sigma_y + c2)))
+    return ssim_map.double().mean(dim=(2, 3)).mean(dim=1)
+
+
+def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Ranks 1..n (float64), ties given the average of the ranks they span."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def pearson(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Pearson correlation; NaN when either vector is constant or shorter than 2."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"pearson needs two 1-D vectors of the same length, got shapes {a.shape} and {b.shape}")
+    if len(a) < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation: Pearson of the tie-averaged ranks; NaN when either vector is constant."""
+    return pearson(rankdata(a), rankdata(b))
+
+
+def jpeg_complexity(image: Tensor, quality: int = JPEG_QUALITY) -> float:
+    """JPEG bytes per pixel of ``[3, H, W]`` in [0, 1], encoded in memory by PIL at ``quality``."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / (image.shape[-1] * image.shape[-2])
+
+
+# ---- adaptive length choice ----------------------------------------------------------------------------------
+def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
+    """The halt_threshold rule, vectorised: ``errors [N, I]``, thresholds ``[T]`` -> chosen iteration index
+    ``[T, N]`` (0-based): the first with error ``<=`` threshold, else the lowest-error one (first on ties).
+
+    The comparison is made in the errors' dtype (float32 from ``reconstructions``), as the rollout compares its
+    float32 errors with a Python float threshold: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
+    """
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(errors.dtype)
+    meets = errors[None] <= thresholds[:, None, None]  # [T, N, I]
+    first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
+    fallback = _first_argmin(errors)[None].expand_as(first)
+    return torch.where(meets.any(dim=2), first, fallback)
+
+
+def _first_argmin(errors: Tensor) -> Tensor:
+    low = errors.min(dim=1, keepdim=True).values
+    return (errors == low).to(torch.uint8).argmax(dim=1)
+
+
+def _short_decimal(low: float, high: float) -> float:
+    """A short decimal strictly inside the middle half of (low, high)."""
+    middle = (low + high) / 2
+    quarter = (high - low) / 4
+    for digits in range(1, 12):
+        value = float(f"{middle:.{digits}g}")
+        if low + quarter <= value <= high - quarter:
+            return value
+    return middle
+
+
+def auto_thresholds(errors: Tensor, budgets: Sequence[int], *, target_tokens: int = TARGET_TOKENS,
+                    count: int = 5, max_candidates: int = 2000) -> list[float]:
+    """Thresholds whose mean chosen lengths spread over the achievable range, including the one whose mean length
+    is closest to ``target_tokens`` (see the module docstring). Sorted ascending, distinct outcomes."""
+    values = np.unique(errors.numpy().ravel()).astype(np.float64)
+    edges = [0.0, *values.tolist(), float(values[-1]) * 1.5 + 1e-3]
+    gaps = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    if len(gaps) > max_candidates:  # many images: gaps at evenly spaced ranks (always the first and the last)
+        gaps = [gaps[i] for i in sorted(set(np.linspace(0, len(gaps) - 1, max_candidates).round().astype(int)))]
+    candidates = [_short_decimal(lo, hi) for lo, hi in gaps]
+    chosen = torch.cat([choose_iterations(errors, candidates[i : i + 64]) for i in range(0, len(candidates), 64)])
+    lengths = torch.as_tensor(budgets, dtype=torch.float64)[chosen].mean(dim=1).numpy()
+    spread = np.linspace(lengths.min(), lengths.max(), count)
+    spacing = (lengths.max() - lengths.min()) / max(count - 1, 1)
+    # the target_tokens level replaces the spread level nearest to it
+    targets = [t for t in spread.tolist() if abs(t - target_tokens) >= spacing / 2] + [float(target_tokens)]
+    picked = {int(np.argmin(np.abs(lengths - target))) for target in targets}  # argmin: the first on ties
+    # drop thresholds that repeat another's choices for every image
+    kept: dict[tuple[int, ...], float] = {}
+    for index in sorted(picked):
+        kept.setdefault(tuple(chosen[index].tolist()), candidates[index])
+    return sorted(kept.values())
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """``"0.05,0.1"`` -> ``[0.05, 0.1]``; ValueError unless every item is a finite number >= 0."""
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"--thresholds takes comma-separated non-negative numbers (mean absolute pixel error in "
+                         f"[0, 1] units), e.g. 0.05,0.08, got {text!r}")
+    return sorted(set(values))
+
+
+# ---- plotting (PIL only) -------------------------------------------------------------------------------------
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, ImportError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+def nice_ticks(low: float, high: float, count: int = 6) -> tuple[list[float], float]:
+    """Round tick values covering [low, high] (steps of 1, 2, 2.5 or 5 times a power of ten) and the step."""
+    if not high > low:
+        high = low + 1.0
+    raw = (high - low) / max(count, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first = math.ceil(low / step - 1e-9)
+    ticks = []
+    index = first
+    while index * step <= high + step * 1e-9:
+        ticks.append(round(index * step, 12))
+        index += 1
+    return ticks, step
+
+
+def format_tick(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-12))
+    if decimals and not math.isclose(round(step, decimals), step, rel_tol=1e-9):
+        decimals += 1  # steps such as 0.25
+    return f"{value:.{decimals}f}"
+
+
+def padded_range(values: Sequence[float], pad: float = 0.06, include_zero: bool = False) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if include_zero:
+        low = min(low, 0.0)
+    span = high - low if high > low else (abs(high) or 1.0)
+    return (low if include_zero and low == 0 else low - pad * span), high + pad * span
+
+
+class Plot:
+    """A tiny PIL chart: one axes box with ticks, grid lines, axis labels, a title and a legend.
+
+    Draw in data coordinates (``line``, ``scatter``, ``hline``, ``bar``, ``text``), then ``finish()`` returns the
+    RGB image. Limits are fixed at construction; callers choose them to contain the data.
+    """
+
+    def __init__(self, title: str, xlabel: str, ylabel: str, xlim: tuple[float, float], ylim: tuple[float, float],
+                 *, size: tuple[int, int] = (800, 520), xticks: Sequence[float] | None = None,
+                 yticks: Sequence[float] | None = None):
+        self.image = Image.new("RGB", size, "white")
+        self.draw = ImageDraw.Draw(self.image)
+        self.font, self.small, self.title_font = _font(14), _font(12), _font(16)
+        width, height = size
+        self.box = (84, 48, width - 24, height - 64)  # left, top, right, bottom (pixels)
+        self.xlim, self.ylim = xlim, ylim
+        self.legend: list[tuple[str, str, str]] = []  # (label, colour, kind)
+        self.occupied: list[tuple[float, float]] = []  # pixels holding data, to place the legend away from them
+        self.labels: list[tuple[float, float, float, float]] = []  # boxes of the annotations drawn so far
+        self._axes(title, xlabel, ylabel, xticks, yticks)
+
+    def px(self, x: float, y: float) -> tuple[float, float]:
+        left, top, right, bottom = self.box
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+    def _axes(self, title: str, xlabel: str, ylabel: str, xticks: Sequence[float] | None,
+              yticks: Sequence[float] | None) -> None:
+        left, top, right, bottom = self.box
+        draw = self.draw
+        for axis, given in (("x", xticks), ("y", yticks)):
+            low, high = self.xlim if axis == "x" else self.ylim
+            ticks, step = (list(given), 0.0) if given is not None else nice_ticks(low, high)
+            for value in ticks:
+                if not low - 1e-12 <= value <= high + 1e-12:
+                    continue
+                label = format_tick(value, step) if step else f"{value:g}"
+                if axis == "x":
+                    x, _ = self.px(value, self.ylim[0])
+                    draw.line([(x, top), (x, bottom)], fill="#e6e6e6")
+                    draw.line([(x, bottom), (x, bottom + 5)], fill="black")
+                    draw.text((x, bottom + 8), label, fill="black", font=self.small, anchor="ma")
+                else:
+                    _, y = self.px(self.xlim[0], value)
+                    draw.line([(left, y), (right, y)], fill="#e6e6e6")
+                    draw.line([(left - 5, y), (left, y)], fill="black")
+                    draw.text((left - 8, y), label, fill="black", font=self.small, anchor="rm")
+        draw.text(((left + right) / 2, 16), title, fill="black", font=self.title_font, anchor="mm")
+        draw.text(((left + right) / 2, self.image.height - 14), xlabel, fill="black", font=self.font, anchor="md")
+        text_box = draw.textbbox((0, 0), ylabel, font=self.font)
+        label = Image.new("RGB", (text_box[2] - text_box[0] + 4, text_box[3] - text_box[1] + 6), "white")
+        ImageDraw.Draw(label).text((2 - text_box[0], 3 - text_box[1]), ylabel, fill="black", font=self.font)
+        label = label.rotate(90, expand=True)
+        self.image.paste(label, (6, int((top + bottom - label.height) / 2)))
+
+    def _dashed(self, points: list[tuple[float, float]], color: str, width: int, dash: float = 8) -> None:
+        for (xa, ya), (xb, yb) in zip(points[:-1], points[1:]):
+            length = math.hypot(xb - xa, yb - ya)
+            steps = max(int(length // dash), 1)
+            for k in range(0, steps, 2):
+                t0, t1 = k / steps, min((k + 1) / steps, 1.0)
+                self.draw.line([(xa + (xb - xa) * t0, ya + (yb - ya) * t0), (xa + (xb - xa) * t1,
+                                                                              ya + (yb - ya) * t1)],
+                               fill=color, width=width)
+
+    def line(self, xs: Sequence[float], ys: Sequence[float], color: str, *, label: str | None = None,
+             width: int = 2, dashed: bool = False, markers: bool = True) -> None:
+        points = [self.px(x, y) for x, y in zip(xs, ys)]
+        for (xa, ya), (xb, yb) in zip(points[:-1], points[1:]):
+            self.occupied += [(xa + (xb - xa) * k / 20, ya + (yb - ya) * k / 20) for k in range(21)]
+        self.occupied += points
+        if dashed:
+            self._dashed(points, color, width)
+        elif len(points) > 1:
+            self.draw.line(points, fill=color, width=width, joint="curve")
+        if markers:
+            for x, y in points:
+                self.draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=color)
+        if label:
+            self.legend.append((label, color, "dashed" if dashed else "line"))
+
+    def hline(self, y: float, color: str, *, label: str | None = None, dashed: bool = True) -> None:
+        self.line(list(self.xlim), [y, y], color, label=label, dashed=dashed, markers=False)
+
+    def scatter(self, xs: Sequence[float], ys: Sequence[float], color: str, *, label: str | None = None,
+                radius: float = 4.5, filled: bool = False) -> None:
+        for x, y in (self.px(x, y) for x, y in zip(xs, ys)):
+            self.occupied.append((x, y))
+            box = [x - radius, y - radius, x + radius, y + radius]
+            self.draw.ellipse(box, fill=color if filled else None, outline=color, width=2)
+        if label:
+            self.legend.append((label, color, "filled" if filled else "point"))
+
+    def bar(self, x: float, height: float, width: float, color: str, *, label: str | None = None) -> None:
+        x0, y0 = self.px(x - width / 2, 0.0 if self.ylim[0] <= 0 else self.ylim[0])
+        x1, y1 = self.px(x + width / 2, height)
+        self.draw.rectangle([x0, min(y0, y1), x1, max(y0, y1)], fill=color, outline="black")
+        self.occupied += [(x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * j / 8) for i in range(5) for j in range(9)]
+        if label:
+            self.legend.append((label, color, "bar"))
+
+    def text(self, x: float, y: float, text: str, color: str = "black", offset: tuple[int, int] = (6, -6)) -> bool:
+        """Annotate a data point; skipped (returns False) where it would overlap an earlier annotation."""
+        px, py = self.px(x, y)
+        box = self.draw.textbbox((px + offset[0], py + offset[1]), text, font=self.small, anchor="ld")
+        if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in self.labels):
+            return False
+        self.labels.append(box)
+        self.draw.text((px + offset[0], py + offset[1]), text, fill=color, font=self.small, anchor="ld")
+        self.occupied += [(box[0], box[1]), (box[2], box[1]), (box[0], box[3]), (box[2], box[3])]
+        return True
+
+    def finish(self) -> Image.Image:
+        """Draw the axes box and the legend (in the corner holding the least data) and return the image."""
+        left, top, right, bottom = self.box
+        self.draw.rectangle([left, top, right, bottom], outline="black")
+        if self.legend:
+            row = 18
+            width = max(self.draw.textlength(label, font=self.small) for label, _, _ in self.legend) + 44
+            height = row * len(self.legend) + 8
+            corners = [(right - width - 8, top + 8), (left + 8, top + 8), (right - width - 8, bottom - height - 8),
+                       (left + 8, bottom - height - 8)]
+            x0, y0 = min(corners, key=lambda c: sum(c[0] - 4 <= x <= c[0] + width + 4 and c[1] - 4 <= y
+                                                    <= c[1] + height + 4 for x, y in self.occupied))
+            self.draw.rectangle([x0, y0, x0 + width, y0 + height], fill="white", outline="#999999")
+            for index, (label, color, kind) in enumerate(self.legend):
+                y = y0 + 4 + row * index + row / 2
+                if kind == "line":
+                    self.draw.line([(x0 + 6, y), (x0 + 30, y)], fill=color, width=2)
+                elif kind == "dashed":
+                    self._dashed([(x0 + 6, y), (x0 + 30, y)], color, 2, dash=5)
+                elif kind == "bar":
+                    self.draw.rectangle([x0 + 10, y - 5, x0 + 26, y + 5], fill=color, outline="black")
+                else:
+                    self.draw.ellipse([x0 + 13, y - 4.5, x0 + 22, y + 4.5], fill=color if kind == "filled" else None,
+                                      outline=color, width=2)
+                self.draw.text((x0 + 36, y), label, fill="black", font=self.small, anchor="lm")
+        return self.image
+
+
+# ---- the evaluation ------------------------------------------------------------------------------------------
+def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: str | os.PathLike, *,
+                    max_images: int | None = None, thresholds: Sequence[float] | None = None,
+                    batch_size: int = 8, max_tokens: int | None = None, target_tokens: int = TARGET_TOKENS,
+                    grid_images: int = 4, model_name: str | None = None, command: Sequence[str] | None = None,
+                    progress: bool | None = None) -> dict:
+    """Evaluate ``tok`` on the image files directly inside ``folder`` (sorted by name; the first ``max_images``).
+
+    Writes ``out_dir/report.json`` and the figures of :data:`FIGURES`; returns the report (a JSON-ready dict; NaN
+    correlations become ``null``). ``thresholds``: adaptive thresholds (default: chosen automatically). ``max_tokens``:
+    the largest budget evaluated (default: the model's maximum). ``progress``: tqdm bar (None: when stderr is a
+    terminal). See the module docstring for the definitions.
+    """
+    started = time.perf_counter()
+    folder = Path(folder)
+    paths = list_image_files(folder)  # FileNotFoundError when not a folder
+    if not paths:
+        raise ValueError(f"no image files in folder {folder}")
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
+        paths = paths[:max_images]
+    if thresholds is not None:
+        thresholds = sorted({float(t) for t in thresholds})
+        if not thresholds or not all(math.isfinite(t) and t >= 0 for t in thresholds):
+            raise ValueError(f"thresholds must be non-negative numbers, got {thresholds}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    size = tok.config.image_size
+
+    per_image: dict[str, list] = {key: [] for key in ("error", "l1", "psnr", "ssim", "base", "complexity")}
+    keep_panels = len(paths) <= grid_images  # else the grid's images are re-run once their complexity is known
+    panels: dict[int, list[Image.Image]] = {}
+    with tqdm(total=len(paths), unit="img", desc="evaluating", file=sys.stderr,
+              disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch_paths = paths[start : start + batch_size]
+            inputs = load_images([str(p) for p in batch_paths], size)  # [n, 3, R, R], what the model sees
+            pixels, errors = tok.reconstructions(inputs, max_tokens=max_tokens)  # [n, I, 3, R, R], [n, I]
+            n, iterations = errors.shape
+            flat = pixels.flatten(0, 1)
+            targets = inputs[:, None].expand_as(pixels).flatten(0, 1)
+            per_image["error"].append(errors.float())  # float32, compared with thresholds as the rollout does
+            per_image["l1"].append(l1_error(flat, targets).view(n, iterations))
+            per_image["psnr"].append(psnr(flat, targets).view(n, iterations))
+            per_image["ssim"].append(ssim(flat, targets).view(n, iterations))
+            base = base_reconstruction(tok, inputs)
+            per_image["base"].append(torch.stack([l1_error(base, inputs), psnr(base, inputs), ssim(base, inputs)], 1))
+            per_image["complexity"].append(torch.tensor([jpeg_complexity(image) for image in inputs],
+                                                        dtype=torch.float64))
+            if keep_panels:
+                panels.update({start + row: _panels(inputs[row], pixels[row], base[row]) for row in range(n)})
+            bar.update(n)
+
+    errors = torch.cat(per_image["error"])  # [N, I] unclamped (the halt_threshold quantity)
+    l1 = torch.cat(per_image["l1"])  # [N, I] clamped
+    psnrs, ssims = torch.cat(per_image["psnr"]), torch.cat(per_image["ssim"])
+    base = torch.cat(per_image["base"])  # [N, 3]: l1, psnr, ssim
+    complexity = torch.cat(per_image["complexity"]).numpy()
+    num_images, iterations = errors.shape
+    budgets = [tok.tokens_per_iteration * (i + 1) for i in range(iterations)]
+
+    fixed = [{"budget": b, "l1": float(l1[:, i].mean()), "psnr": float(psnrs[:, i].mean()),
+              "ssim": float(ssims[:, i].mean()), "error_unclamped": float(errors[:, i].mean())}
+             for i, b in enumerate(budgets)]
+    ceiling = {"l1": float(base[:, 0].mean()), "psnr": float(base[:, 1].mean()), "ssim": float(base[:, 2].mean()),
+               "grid_tokens": tok.config.base.grid_size ** 2}
+
+    source = "given" if thresholds is not None else "auto"
+    if thresholds is None:
+        thresholds = auto_thresholds(errors, budgets, target_tokens=target_tokens)
+    chosen = choose_iterations(errors, thresholds)  # [T, N] iteration indices
+    budget_tensor = torch.tensor(budgets, dtype=torch.float64)
+    rows = torch.arange(num_images)
+    levels = []
+    for index, threshold in enumerate(thresholds):
+        pick = chosen[index]
+        lengths = budget_tensor[pick]
+        levels.append({"threshold": threshold, "mean_tokens": float(lengths.mean()),
+                       "mean_l1": float(l1[rows, pick].mean()),
+                       "mean_error_unclamped": float(errors[rows, pick].mean()),
+                       "met_threshold": float((errors[rows, pick] <= threshold).double().mean()),
+                       "histogram": torch.bincount(pick, minlength=iterations).tolist()})
+    target_index = int(np.argmin([abs(level["mean_tokens"] - target_tokens) for level in levels]))
+    fixed_index = int(np.argmin([abs(b - target_tokens) for b in budgets]))
+    target_level = levels[target_index]
+    comparison = {"target_tokens": target_tokens, "threshold": target_level["threshold"],
+                  "adaptive_mean_tokens": target_level["mean_tokens"], "adaptive_mean_l1": target_level["mean_l1"],
+                  "fixed_budget": budgets[fixed_index], "fixed_mean_l1": fixed[fixed_index]["l1"],
+                  "l1_difference": target_level["mean_l1"] - fixed[fixed_index]["l1"]}
+
+    target_lengths = budget_tensor[chosen[target_index]].numpy()
+    complexity_stats = {
+        "measure": f"JPEG bytes per pixel (PIL, quality {JPEG_QUALITY}) of the {size}px model input",
+        "mean": float(complexity.mean()), "min": float(complexity.min()), "max": float(complexity.max()),
+        "spearman_length_vs_complexity": spearman(target_lengths, complexity),
+        "length_threshold": target_level["threshold"],
+        "spearman_l1_vs_complexity": {str(b): spearman(l1[:, i].numpy(), complexity) for i, b in enumerate(budgets)},
+        "fixed_budget": budgets[fixed_index],
+        "spearman_l1_at_fixed_budget_vs_complexity": spearman(l1[:, fixed_index].numpy(), complexity),
+    }
+
+    images = [{"file": path.name, "complexity": float(complexity[i]),
+               "l1": l1[i].tolist(), "error_unclamped": errors[i].tolist(), "psnr": psnrs[i].tolist(),
+               "ssim": ssims[i].tolist(), "base": {"l1": float(base[i, 0]), "psnr": float(base[i, 1]),
+                                                   "ssim": float(base[i, 2])},
+               "chosen_tokens": [budgets[int(chosen[t, i])] for t in range(len(thresholds))]}
+              for i, path in enumerate(paths)]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the grid: images spread over complexity (lowest to highest), each row labelled with its L1 per budget
+    order = np.argsort(complexity, kind="stable")
+    grid_indices = [int(order[round(k)]) for k in np.linspace(0, num_images - 1, min(grid_images, num_images))]
+    grid_indices = list(dict.fromkeys(grid_indices))
+    missing = [i for i in grid_indices if i not in panels]
+    if missing:
+        inputs = load_images([str(paths[i]) for i in missing], size)
+        pixels, _ = tok.reconstructions(inputs, max_tokens=max_tokens)
+        base_pixels = base_reconstruction(tok, inputs)
+        panels.update({i: _panels(inputs[k], pixels[k], base_pixels[k]) for k, i in enumerate(missing)})
+    grid_rows = [(paths[i].name, complexity[i], panels[i], l1[i].tolist(), float(base[i, 0])) for i in grid_indices]
+    _grid_figure(grid_rows, budgets).save(out_dir / FIGURES["grid"], format="PNG")
+    _l1_figure(fixed, ceiling, levels, target_index, budgets, target_tokens).save(out_dir / FIGURES["l1_vs_tokens"],
+                                                                                  format="PNG")
+    _histogram_figure(levels, target_index, budgets).save(out_dir / FIGURES["lengths_histogram"], format="PNG")
+    _complexity_figure(complexity, target_lengths, target_level, complexity_stats["spearman_length_vs_complexity"],
+                       budgets).save(out_dir / FIGURES["length_vs_complexity"], format="PNG")
+
+    config = tok.config
+    report = {
+        "format": REPORT_FORMAT,
+        "metadata": {
+            "model": model_name, "folder": str(folder), "num_images": num_images,
+            "command": list(command) if command is not None else None,
+            "elapsed_s": None,  # filled below
+            "model_summary": {"image_size": config.image_size, "latent_kind": config.latent_kind,
+                              "rollout": config.rollout, "tokens": {"min": budgets[0], "max": budgets[-1],
+                                                                    "step": tok.tokens_per_iteration,
+                                                                    "model_max": tok.max_tokens},
+                              "dynamic_halting": config.dynamic_halting,
+                              "dynamic_halting_threshold": config.dynamic_halting_threshold,
+                              "encoder": f"{config.encoder_width}x{config.encoder_layers}",
+                              "decoder": f"{config.decoder_width}x{config.decoder_layers}",
+                              "codebook_size": config.codebook_size if config.quantized else None,
+                              "parameters": tok.model.num_parameters(),
+                              "description": tok.info.description if tok.info is not None else None},
+            "config": config.to_dict(), "device": str(tok.device), "dtype": str(tok.dtype).replace("torch.", ""),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "metric_notes": {"pixels": "[0, 1]; inputs resized and centre-cropped to the model resolution",
+                             "l1_psnr_ssim": "of the reconstruction clamped to [0, 1]",
+                             "error_unclamped": "mean |reconstruction - input| before clamping: what halt_threshold "
+                                                "compares",
+                             "psnr": f"per image, capped at {PSNR_CAP_DB:g} dB, then averaged",
+                             "ssim": "Wang et al.: gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean "
+                                     "over the map and the RGB channels",
+                             "per_image_lists": "l1, error_unclamped, psnr, ssim are aligned with budgets; "
+                                                "chosen_tokens with adaptive.levels; histogram with budgets"},
+        },
+        "budgets": budgets,
+        "fixed": fixed,
+        "base_ceiling": ceiling,
+        "adaptive": {"thresholds_source": source, "levels": levels, "target_level": target_index,
+                     "comparison": comparison},
+        "complexity": complexity_stats,
+        "images": images,
+        "figures": dict(FIGURES),
+        "grid_images": [paths[i].name for i in grid_indices],
+    }
+    report["metadata"]["elapsed_s"] = round(time.perf_counter() - started, 3)
+    report = _json_ready(report)
+    text = json.dumps(report, indent=1, allow_nan=False)
+    (out_dir / "report.json").write_text(text + "\n")
+    return report
+
+
+def base_reconstruction(tok: AdaptiveTokenizer, inputs: Tensor) -> Tensor:
+    """The VQGAN's own reconstruction (encode -> nearest codes -> decode_ids), clamped to [0, 1], on the CPU."""
+    base = tok.model.base
+    with torch.inference_mode():
+        features = base.encode(inputs.to(device=tok.device, dtype=tok.dtype))
+        pixels = base.decode_ids(base.code_ids(features))
+    return pixels.float().clamp(0, 1).cpu()
+
+
+def _json_ready(value):
+    """NaN and infinities -> None, tuples -> lists (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+def format_table(report: dict) -> str:
+    """The compact stdout summary of a report."""
+    lines = [f"{report['metadata']['num_images']} images from {report['metadata']['folder']}",
+             f"{'budget':>8}  {'L1':>7}  {'PSNR':>6}  {'SSIM':>6}"]
+    for row in report["fixed"]:
+        lines.append(f"{row['budget']:>8}  {row['l1']:7.4f}  {row['psnr']:6.2f}  {row['ssim']:6.4f}")
+    ceiling = report["base_ceiling"]
+    lines.append(f"{'VQGAN':>8}  {ceiling['l1']:7.4f}  {ceiling['psnr']:6.2f}  {ceiling['ssim']:6.4f}  "
+                 f"(base ceiling, {ceiling['grid_tokens']} codes)")
+    adaptive = report["adaptive"]
+    lines.append(f"adaptive ({adaptive['thresholds_source']} thresholds):")
+    lines.append(f"{'threshold':>11}  {'tokens':>7}  {'L1':>7}  lengths " + "/".join(str(b) for b in report["budgets"]))
+    for index, level in enumerate(adaptive["levels"]):
+        mark = f"  <- closest to {adaptive['comparison']['target_tokens']}" if index == adaptive["target_level"] else ""
+        lines.append(f"{fmt_threshold(level['threshold']):>11}  {level['mean_tokens']:7.1f}  {level['mean_l1']:7.4f}  "
+                     + "/".join(str(c) for c in level["histogram"]) + mark)
+    comp = report["adaptive"]["comparison"]
+    lines.append(f"adaptive t={fmt_threshold(comp['threshold'])}: L1 {comp['adaptive_mean_l1']:.4f} at "
+                 f"{comp['adaptive_mean_tokens']:.1f} tokens on average; fixed {comp['fixed_budget']}: "
+                 f"L1 {comp['fixed_mean_l1']:.4f}")
+    cx = report["complexity"]
+    lines.append(f"Spearman vs JPEG complexity: chosen length {_fmt(cx['spearman_length_vs_complexity'])}, "
+                 f"L1 at {cx['fixed_budget']} tokens {_fmt(cx['spearman_l1_at_fixed_budget_vs_complexity'])}")
+    return "\n".join(lines)
+
+
+def fmt_threshold(value: float) -> str:
+    """The shortest decimal that reads back as ``value`` (auto thresholds are chosen to be short)."""
+    return repr(float(value))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.3f}"
+
+
+# ---- figures -------------------------------------------------------------------------------------------------
+def _panels(image: Tensor, reconstructions: Tensor, base: Tensor) -> list[Image.Image]:
+    return [to_pil(image)] + [to_pil(p) for p in reconstructions] + [to_pil(base)]
+
+
+def _grid_figure(rows: list, budgets: Sequence[int]) -> Image.Image:
+
+    strips = []
+    for name, complexity, panels, l1_row, base_l1 in rows:
+        suffix = f" {complexity:.2f}B/px"
+        room = max(panels[0].width // 5 - len(suffix), 6)  # the default font is about 5 px per character
+        stem = Path(name).stem
+        short = stem if len(stem) <= room else stem[: room - 2] + ".."
+        labels = ([short + suffix] + [f"{b} tok  L1 {e:.3f}" for b, e in zip(budgets, l1_row)]
+                  + [f"VQGAN  L1 {base_l1:.3f}"])
+        strips.append(labelled_strip(panels, labels))
+    gap = 6
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips) + gap * (len(strips) - 1)),
+                     "white")
+    y = 0
+    for strip in strips:
+        grid.paste(strip, (0, y))
+        y += strip.height + gap
+    return grid
+
+
+def _budget_axis(budgets: Sequence[int]) -> tuple[tuple[float, float], list[int]]:
+    step = budgets[1] - budgets[0] if len(budgets) > 1 else budgets[0]
+    ticks = list(budgets) if len(budgets) <= 12 else list(budgets[::2])
+    return (budgets[0] - step * 0.6, budgets[-1] + step * 0.6), ticks
+
+
+def _l1_figure(fixed: list[dict], ceiling: dict, levels: list[dict], target_index: int, budgets: Sequence[int],
+               target_tokens: int) -> Image.Image:
+    xlim, xticks = _budget_axis(budgets)
+    values = [row["l1"] for row in fixed] + [ceiling["l1"]] + [level["mean_l1"] for level in levels]
+    plot = Plot("Mean L1 error vs tokens", "tokens per image (adaptive: mean)", "mean L1 (clamped, [0, 1] pixels)",
+                xlim, padded_range(values, include_zero=True), xticks=xticks)
+    plot.line([row["budget"] for row in fixed], [row["l1"] for row in fixed], PALETTE[0], label="fixed budget")
+    plot.hline(ceiling["l1"], PALETTE[2], label=f"VQGAN ceiling (L1 {ceiling['l1']:.4f})")
+    xs, ys = [level["mean_tokens"] for level in levels], [level["mean_l1"] for level in levels]
+    plot.scatter(xs, ys, PALETTE[1], label=f"adaptive, threshold t (* mean closest to {target_tokens})", filled=True,
+                 radius=5)
+    for index in [target_index] + [i for i in range(len(levels)) if i != target_index]:  # the ~128 one first
+        level = levels[index]
+        marker = " *" if index == target_index else ""
+        plot.text(level["mean_tokens"], level["mean_l1"], f"t={fmt_threshold(level['threshold'])}{marker}", PALETTE[1])
+    return plot.finish()
+
+
+def _histogram_figure(levels: list[dict], target_index: int, budgets: Sequence[int]) -> Image.Image:
+    xlim, xticks = _budget_axis(budgets)
+    step = budgets[1] - budgets[0] if len(budgets) > 1 else budgets[0]
+    top = max(max(level["histogram"]) for level in levels)
+    ylim = (0, top * 1.3 + 0.5)
+    yticks, tick_step = nice_ticks(*ylim)
+    yticks = list(range(0, int(ylim[1]) + 1)) if tick_step < 1 else [int(t) for t in yticks]
+    plot = Plot("Chosen lengths per threshold", "tokens", "images", ylim=ylim, xlim=xlim, xticks=xticks,
+                yticks=yticks)
+    width = step * 0.8 / len(levels)
+    for index, level in enumerate(levels):
+        color = PALETTE[index % len(PALETTE)]
+        offset = (index - (len(levels) - 1) / 2) * width
+        marker = " *" if index == target_index else ""
+        label = f"t={fmt_threshold(level['threshold'])}: mean {level['mean_tokens']:.1f}{marker}"
+        for budget, count in zip(budgets, level["histogram"]):
+            if count:
+                plot.bar(budget + offset, count, width, color)
+        plot.legend.append((label, color, "bar"))
+    return plot.finish()
+
+
+def _complexity_figure(complexity: np.ndarray, lengths: np.ndarray, level: dict, rho: float,
+                       budgets: Sequence[int]) -> Image.Image:
+    step = budgets[1] - budgets[0] if len(budgets) > 1 else budgets[0]
+    plot = Plot(f"Chosen length (t={fmt_threshold(level['threshold'])}) vs complexity: Spearman {_fmt(rho)}",
+                f"image complexity: JPEG q{JPEG_QUALITY} bytes per pixel", "chosen tokens",
+                padded_range(complexity.tolist()), (budgets[0] - step * 0.6, budgets[-1] + step * 0.6),
+                yticks=budgets)
+    plot.scatter(complexity.tolist(), lengths.tolist(), PALETTE[0])
+    return plot.finish()
