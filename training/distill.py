@@ -1,0 +1,395 @@
+"""Stage 2: latent distillation (the paper's recipe) of an ALIT model on a frozen base tokenizer.
+
+    python -m training.distill --data /work/shared/corpus/photos --base /work/runs/vq/export --out /work/runs/alit \
+        [--max-minutes 60 --threads 1]
+
+Trains ``adaptive_tokenizer.model.ALITModel`` (default: the embedded default model's configuration, cached
+rollout, quantized latents) with ``base`` frozen:
+
+- encoder: ``embed_image`` + one block-causal pass (``forward_block_causal``) giving the latents of all
+  ``max_iterations`` iterations at once; the tokens of iteration t are the first ``T * (t + 1)``;
+- quantizer: l2-normalised codebook trained here with a straight-through estimator, commitment + codebook losses
+  and dead-code restarts (the library's ``LatentQuantizer`` is inference-only);
+- decoder: for a random subset of ``--iters-per-step`` iterations per step, logits over the base codebook from
+  the first ``T * (t + 1)`` code vectors; loss ``w_t * (CE_smoothed(logits, base ids) + code_weight *
+  MSE(softmax(logits) @ base codebook, base code vectors))`` with the authors' weights
+  ``[2.5, 2.0, 1.5, 1.25, 1, 1, 1, 1]``, normalised by the sum of the sampled weights.
+
+Optional stage 3 (``--pixel-weight > 0``): adds ``L1 + ssim_weight * (1 - MS-SSIM)`` of ``model.reconstruct``
+(the base decoder of the expected code) against the pixels, back-propagated into the ALIT decoder/encoder
+(the base stays frozen unless ``--train-base-decoder``).
+
+Output (``--out``): ``checkpoint.pt`` (resumable), ``export/`` (``AdaptiveTokenizer.save_pretrained``: fp32,
+loadable by ``AdaptiveTokenizer.from_pretrained``), ``export-fp16/`` (compact fp16 weights to ship/commit),
+``provenance.json``, ``split.json``, ``metrics.jsonl``. ``--init DIR`` starts from an exported model (e.g. the
+committed default weights) when the run folder has no checkpoint: that is how training continues across sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptive_tokenizer.config import ModelConfig
+from adaptive_tokenizer.model import ALITModel
+from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files
+
+from .common import (Progress, Provenance, Schedule, StopFlag, add_common_args, apply_threads, atomic_torch_save,
+                     atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
+                     seed_everything, set_lr, set_rng_state)
+from .data import TrainImages, load_val_images, prepare_split
+from .losses import reconstruction_loss, smoothed_cross_entropy
+from .vq import load_base
+
+ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)  # the authors' per-iteration loss weights
+
+
+def default_model_config(base_config) -> ModelConfig:
+    """The embedded default model: 128 px, 16x16 base grid, 32 tokens x 1..8 iterations, 4096 codes, cached."""
+    return ModelConfig(base=base_config, image_size=base_config.resolution, patch_size=base_config.downsample_factor,
+                       encoder_width=256, encoder_layers=4, encoder_heads=8, decoder_width=256, decoder_layers=4,
+                       decoder_heads=8, mlp_ratio=4.0, latent_kind="quantized", factorize_latent=True, token_dim=12,
+                       codebook_size=4096, tokens_per_iteration=32, max_iterations=8, decoder_max_latent_tokens=256,
+                       dynamic_halting=False, rollout="cached")
+
+
+def init_alit_weights(model: ALITModel, seed: int = 0) -> None:
+    """Fill the non-base parameters (the library creates them as zeros): trunc-normal(0.02) Linear/Conv weights,
+    zero biases, unit LayerNorms, N(0, 0.02) embeddings, random unit vectors for the latent codebook."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def trunc_normal(tensor: Tensor, std: float = 0.02) -> None:
+        with torch.no_grad():
+            values = torch.randn(tensor.shape, generator=gen) * std
+            tensor.copy_(values.clamp(-2 * std, 2 * std))
+
+    for part in (model.encoder, model.decoder):
+        for module in part.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                trunc_normal(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, param in part.named_parameters(recurse=False):
+            trunc_normal(param)
+    if model.quantizer is not None:
+        with torch.no_grad():
+            random_vectors = torch.randn(model.quantizer.codebook.shape, generator=gen)
+            model.quantizer.codebook.copy_(F.normalize(random_vectors, dim=-1))
+
+
+class QuantizerTrainer:
+    """Training side of the l2-normalised latent quantizer: STE, commitment/codebook losses, dead-code restarts.
+
+    Usage is tracked as an EMA of per-step assignment counts; codes below ``dead_threshold`` are moved onto random
+    (normalised) token vectors of the batch and their Adam moments reset.
+    """
+
+    def __init__(self, size: int, decay: float = 0.99, dead_threshold: float = 0.02, device=None):
+        self.usage = torch.full((size,), 2 * dead_threshold, device=device)
+        self.decay, self.dead_threshold = decay, dead_threshold
+        self.restarts = 0
+
+    def state_dict(self) -> dict:
+        return {"usage": self.usage, "restarts": self.restarts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.usage.copy_(state["usage"])
+        self.restarts = state["restarts"]
+
+    def __call__(self, model: ALITModel, vectors: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``vectors [N, L, D]`` -> (decoder inputs with STE, ids, quantizer loss, normalised vectors)."""
+        z = F.normalize(vectors.float(), dim=-1)
+        codebook = F.normalize(model.quantizer.codebook.float(), dim=-1)
+        flat = z.reshape(-1, z.shape[-1])
+        with torch.no_grad():
+            distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+            ids = distances.argmin(1)
+            counts = torch.bincount(ids, minlength=codebook.shape[0]).float()
+            self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        q = codebook[ids].view_as(z)
+        loss = beta * F.mse_loss(z, q.detach()) + F.mse_loss(q, z.detach())
+        return z + (q - z).detach(), ids.view(z.shape[:-1]), loss, z.detach()
+
+    @torch.no_grad()
+    def restart_dead(self, model: ALITModel, normalised: Tensor, optimizer: torch.optim.Optimizer) -> int:
+        dead = (self.usage < self.dead_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        flat = normalised.reshape(-1, normalised.shape[-1])
+        picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+        picks = F.normalize(picks + 0.01 * torch.randn_like(picks), dim=-1)
+        param = model.quantizer.codebook
+        param[dead] = picks.to(param.dtype)
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][dead] = 0
+        self.usage[dead] = 2 * self.dead_threshold
+        self.restarts += dead.numel()
+        return dead.numel()
+
+
+def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, args: argparse.Namespace,
+                 device: torch.device, iterations: list[int]) -> tuple[Tensor, dict[str, float], Tensor]:
+    config = model.config
+    T = config.tokens_per_iteration
+    with torch.no_grad():
+        features = model.base.encode(pixels).float()  # base frozen, fp32: targets identical to inference
+        target_ids = model.base.code_ids(features)
+        base_codebook = model.base.codebook.float()
+        target_vectors = base_codebook[target_ids]
+    with autocast(device, args.precision):
+        prefix = model.encoder.embed_image(pixels, features)
+        latents = model.encoder.forward_block_causal(prefix, max(iterations) + 1)
+        vectors = model.encoder.to_token_vectors(latents)
+    decoder_inputs, ids, q_loss, normalised = quantizer(model, vectors, args.commit_weight)
+    total, weight_sum, parts = 0.0, 0.0, {}
+    for t in iterations:
+        with autocast(device, args.precision):
+            logits = model.decoder(decoder_inputs[:, : T * (t + 1)])
+        logits = logits.float()
+        ce = smoothed_cross_entropy(logits, target_ids, args.label_smoothing)
+        expected = torch.softmax(logits, dim=-1) @ base_codebook
+        mse = F.mse_loss(expected, target_vectors)
+        loss_t = ce + args.code_weight * mse
+        if args.pixel_weight > 0:
+            with autocast(device, args.precision):
+                recon = model.base.decode_features(expected)
+            pixel_loss, pix = reconstruction_loss(recon, pixels, args.ssim_weight)
+            loss_t = loss_t + args.pixel_weight * pixel_loss
+            parts[f"pl1_{t}"] = pix["l1"]
+        w = ITERATION_WEIGHTS[t] if t < len(ITERATION_WEIGHTS) else 1.0
+        total = total + w * loss_t
+        weight_sum += w
+        with torch.no_grad():
+            parts.setdefault("acc", 0.0)
+            parts["acc"] += (logits.argmax(-1) == target_ids).float().mean().item() / len(iterations)
+            parts.setdefault("ce", 0.0)
+            parts["ce"] += ce.item() / len(iterations)
+            parts.setdefault("mse", 0.0)
+            parts["mse"] += mse.item() / len(iterations)
+    loss = total / weight_sum + args.quant_weight * q_loss
+    parts.update(loss=loss.item(), qloss=q_loss.item(),
+                 codes=float(torch.unique(ids).numel()))
+    return loss, parts, normalised
+
+
+def sample_iterations(gen: random.Random, max_iterations: int, k: int) -> list[int]:
+    return sorted(gen.sample(range(max_iterations), min(k, max_iterations)))
+
+
+@torch.no_grad()
+def evaluate(model: ALITModel, val: Tensor, batch_size: int = 16, iterations: tuple[int, ...] | None = None) -> dict:
+    """Mean L1 of the clamped reconstruction at each budget (cached rollout = prefixes of one block-causal pass,
+    quantized with the library's own quantizer), and of the base tokenizer's own reconstruction, in fp32.
+    ``iterations``: which budgets (0-based iteration indices; default all)."""
+    was_training = model.training
+    model.eval()
+    config = model.config
+    T, I = config.tokens_per_iteration, config.max_iterations
+    errors = {t: [] for t in (range(I) if iterations is None else iterations)}
+    base_errors, used = [], torch.zeros(config.codebook_size, dtype=torch.bool)
+    for start in range(0, val.shape[0], batch_size):
+        x = val[start : start + batch_size].to(model.base.codebook.device)
+        features = model.base.encode(x)
+        base_recon = model.base.decode_ids(model.base.code_ids(features)).clamp(0, 1)
+        base_errors.append((base_recon - x).abs().flatten(1).mean(1))
+        latents = model.encoder.forward_block_causal(model.encoder.embed_image(x, features), I)
+        ids = model.quantizer.quantize(model.encoder.to_token_vectors(latents))
+        used[ids.flatten().cpu()] = True
+        inputs = model.decoder_inputs(ids)
+        for t in errors:
+            recon = model.reconstruct(model.decoder(inputs[:, : T * (t + 1)])).clamp(0, 1)
+            errors[t].append((recon - x).abs().flatten(1).mean(1))
+    model.train(was_training)
+    out = {f"val_l1_{T * (t + 1)}": torch.cat(e).mean().item() for t, e in errors.items()}
+    out["val_l1_base"] = torch.cat(base_errors).mean().item()
+    out["val_codes_used"] = int(used.sum())
+    return out
+
+
+def export_model(model: ALITModel, out: Path) -> None:
+    """``export/`` (fp32, via ``AdaptiveTokenizer.save_pretrained``) and ``export-fp16/`` (compact fp16), each
+    with ``training_provenance.json`` (the run's provenance record: data, sources and licences, sessions)."""
+    clone = copy.deepcopy(model).float().cpu()
+    AdaptiveTokenizer(clone).save_pretrained(out / "export")
+    weights = {k: v.detach().half() for k, v in clone.state_dict().items()}
+    save_model_files(out / "export-fp16", clone.config, weights)
+    if (out / "provenance.json").is_file():
+        for folder in ("export", "export-fp16"):
+            atomic_write_text(out / folder / "training_provenance.json", (out / "provenance.json").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.distill", description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--base", required=True, help="stage-1 export folder (or an ALIT model folder: its base)")
+    parser.add_argument("--init", default=None,
+                        help="start from this exported ALIT model (all its weights, its base included) when OUT "
+                             "has no checkpoint")
+    parser.add_argument("--config", default=None, help="ModelConfig JSON overriding the default (its base is "
+                                                        "replaced by the --base tokenizer's)")
+    parser.add_argument("--iters-per-step", type=int, default=2, help="random iterations decoded per step")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--code-weight", type=float, default=1.0, help="weight of the code regression MSE")
+    parser.add_argument("--quant-weight", type=float, default=1.0)
+    parser.add_argument("--commit-weight", type=float, default=0.25)
+    parser.add_argument("--dead-threshold", type=float, default=0.02)
+    parser.add_argument("--restart-every", type=int, default=50)
+    parser.add_argument("--pixel-weight", type=float, default=0.0, help="stage 3: pixel loss weight (0: off)")
+    parser.add_argument("--ssim-weight", type=float, default=0.2)
+    parser.add_argument("--train-base-decoder", action="store_true", help="stage 3: also fine-tune the base decoder")
+    parser.set_defaults(batch_size=8, lr=4e-4, warmup=100, steps=20000, weight_decay=0.05, min_scale=0.7)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return train(args)
+
+
+def train(args: argparse.Namespace) -> dict:
+    apply_threads(args.threads)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    base = load_base(args.base)
+    if args.config:
+        config = ModelConfig.from_json(args.config).replace(base=base.config)
+    else:
+        config = default_model_config(base.config)
+    model = ALITModel(config)
+    init_alit_weights(model, args.seed)
+    model.base.load_state_dict(base.state_dict())
+    if args.init and not (out / "checkpoint.pt").is_file():
+        init_config, init_weights = load_model_files(args.init)
+        if init_config != config:
+            raise SystemExit(f"--init {args.init}: its config differs from the model being trained")
+        model.load_state_dict(init_weights, strict=True)
+    model.to(device)
+    model.base.requires_grad_(False)
+    model.base.eval()
+    if args.train_base_decoder:
+        model.base.decoder.requires_grad_(True)
+    # no weight decay on norms, biases, embeddings, codebook
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or name.endswith(("embedding", "codebook", "latent_tokens", "mask_token"))
+        (no_decay if exempt else decay).append(p)
+    params = decay + no_decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+    scaler = make_scaler(device, args.precision)
+    quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device)
+
+    train_names, val_names, data_record = prepare_split(args.data, out, args.val_fraction)
+    log = Progress(total=args.steps, initial=0, disable=True).log
+    stream = TrainImages(args.data, train_names, config.image_size, config.image_size, args.batch_size,
+                         args.min_scale, args.seed, args.cache_side, args.max_cache, args.workers, log=log)
+    val = load_val_images(args.data, val_names, config.image_size, args.val_images) if val_names else None
+    iteration_gen = random.Random(args.seed + 1)
+
+    step = 0
+    ckpt_path = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path) if args.resume == "auto" else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        quantizer.load_state_dict(state["quantizer"])
+        stream.load_state_dict(state["data"])
+        iteration_gen.setstate(state["iteration_gen"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    counts = model.num_parameters()
+    provenance = Provenance(out, "distill", args, data_record)
+    provenance.update(start_step=step, config=config.to_dict(), parameters=counts,
+                      base=str(Path(args.base).resolve()), init=args.init)
+    schedule = Schedule(args, step)
+    bar = Progress(total=args.steps, initial=step, disable=args.no_progress, log_every=args.log_every)
+    bar.log(f"ALIT parameters {json.dumps(counts)}; {len(train_names)} train / {len(val_names)} val images, "
+            f"device {device}, precision {args.precision}, threads {torch.get_num_threads()}")
+    t_start, last_ckpt, start_images = time.time(), time.time(), stream.images_seen
+    metrics_file = (out / "metrics.jsonl").open("a")
+
+    def checkpoint(final: bool = False) -> None:
+        last = config.max_iterations - 1
+        quick = tuple(sorted({0, min(1, last), min(3, last), last}))  # 32, 64, 128, 256 tokens by default
+        record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "images_seen": stream.images_seen, "lr": optimizer.param_groups[0]["lr"],
+                  "restarts": quantizer.restarts, **bar.smoothed}
+        if val is not None:
+            record.update(evaluate(model, val, iterations=None if final else quick))
+            bar.log(f"step {step}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in record.items() if k.startswith("val")))
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "quantizer": quantizer.state_dict(), "data": stream.state_dict(),
+                           "iteration_gen": iteration_gen.getstate(), "rng": rng_state(), "step": step,
+                           "args": vars(args)}, ckpt_path)
+        provenance.update(end_step=step, wall_seconds=round(time.time() - t_start, 1),
+                          images_seen=stream.images_seen - start_images, last_metrics=record, final=final,
+                          ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        export_model(model, out)
+
+    stop_flag = StopFlag()
+    model.train()
+    model.base.eval()
+    stopped = "steps"
+    while step < args.steps:
+        if args.stop_after is not None and step >= args.stop_after:
+            stopped = "stop-after"
+            break
+        set_lr(optimizer, schedule.lr(step))
+        pixels = stream.next_batch().to(device)
+        iterations = sample_iterations(iteration_gen, config.max_iterations, args.iters_per_step)
+        loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        if step % args.restart_every == 0:
+            parts["restarted"] = float(quantizer.restart_dead(model, normalised, optimizer))
+        bar.update(step, pixels.shape[0], {k: v for k, v in parts.items() if not k.startswith("pl1_")})
+        if args.eval_every and step % args.eval_every == 0 and val is not None:
+            bar.log(f"step {step}: " + json.dumps(evaluate(model, val)))
+        if time.time() - last_ckpt >= 60 * args.ckpt_minutes:
+            checkpoint()
+            last_ckpt = time.time()
+        if args.max_minutes and time.time() - t_start >= 60 * args.max_minutes:
+            stopped = "time"
+            break
+        if stop_flag.requested:
+            stopped = "signal"
+            break
+    checkpoint(final=True)
+    stop_flag.restore()
+    bar.close()
+    bar.log(f"stopped ({stopped}) at step {step}; export in {out / 'export'}")
+    metrics_file.close()
+    return {"step": step, "metrics": bar.smoothed}
+
+
+if __name__ == "__main__":
+    main()
