@@ -27,23 +27,29 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig, VQGANConfig
+from .hub import load_manifest
 from .model import ALITModel
 from .rollout import IterationRecord, rollout
 
-PRESETS: dict[str, ModelConfig] = {
-    # The authors' alit_small: width 1024, 8 + 8 layers, 8 heads, their VQGAN ddconfig, 256 px.
-    "alit_small": ModelConfig(
-        base=VQGANConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codebook_size=1024,
-                         codebook_dim=256, resolution=256),
-        image_size=256, patch_size=16, encoder_width=1024, encoder_layers=8, encoder_heads=8, decoder_width=1024,
-        decoder_layers=8, decoder_heads=8, dynamic_halting=False),
-    # The size of the embedded default model: 128 px, f8 VQ autoencoder, width 256, 4 + 4 layers.
-    "default": ModelConfig(
-        base=VQGANConfig(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, codebook_size=1024,
-                         codebook_dim=64, resolution=128),
-        image_size=128, patch_size=8, encoder_width=256, encoder_layers=4, encoder_heads=8, decoder_width=256,
-        decoder_layers=4, decoder_heads=8, dynamic_halting=False, rollout="cached"),
-}
+# The authors' alit_small: width 1024, 8 + 8 layers, 8 heads, their VQGAN ddconfig, 256 px.
+ALIT_SMALL = ModelConfig(
+    base=VQGANConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codebook_size=1024,
+                     codebook_dim=256, resolution=256),
+    image_size=256, patch_size=16, encoder_width=1024, encoder_layers=8, encoder_heads=8, decoder_width=1024,
+    decoder_layers=8, decoder_heads=8, dynamic_halting=False)
+SIZES = ("alit_small", "default")
+
+
+def preset_config(size: str) -> ModelConfig:
+    """``alit_small`` or ``default`` (the size of the embedded default model, read from its config.json)."""
+    if size == "alit_small":
+        return ALIT_SMALL
+    if size == "default":
+        manifest = load_manifest()
+        if manifest.default is None:
+            raise ValueError("no embedded default model in this installation; use --size alit_small")
+        return ModelConfig.from_json(manifest.models[manifest.default].embedded / "config.json")
+    raise ValueError(f"unknown size {size!r}; choose from {SIZES}")
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> ALITModel:
@@ -152,7 +158,7 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
     """Run every measurement (see the module docstring); print a table, then one JSON line; return the JSON."""
     if batch < 1 or threads < 1 or repeats < 1:
         raise ValueError("batch, threads and repeats must be positive")
-    config = PRESETS[preset] if isinstance(preset, str) else preset
+    config = preset_config(preset) if isinstance(preset, str) else preset
     if any(b % config.tokens_per_iteration or not 0 < b <= config.max_tokens for b in budgets):
         raise ValueError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
     preset = preset if isinstance(preset, str) else "custom"
@@ -221,7 +227,8 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=sorted(PRESETS), default="default", help="model size preset")
+    parser.add_argument("--size", choices=SIZES, default="default",
+                        help="alit_small (the authors' size) or default (the embedded default model's size)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")

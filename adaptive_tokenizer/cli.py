@@ -136,6 +136,11 @@ def load_tokenizer(args: argparse.Namespace) -> AdaptiveTokenizer:
     return AdaptiveTokenizer.from_pretrained(args.model, device=parse_device(args.device), dtype=args.dtype)
 
 
+def model_label(args: argparse.Namespace) -> str:
+    """How messages name the model of ``--model``."""
+    return args.model if args.model is not None else "the embedded default model"
+
+
 def parse_device(name: str) -> torch.device:
     """``--device`` value -> torch device, refusing backends this machine lacks."""
     try:
@@ -217,7 +222,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args)
     file_kind = "quantized" if sequences[0].dim() == 1 else "continuous"
     if file_kind != tok.config.latent_kind:
-        raise UsageError(f"{args.tokens} holds {file_kind} tokens but the model at {args.model} is "
+        raise UsageError(f"{args.tokens} holds {file_kind} tokens but the model {model_label(args)} is "
                          f"{tok.config.latent_kind}")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,13 +261,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     thresholds = parse_thresholds(args.thresholds) if args.thresholds is not None else None
     tok = load_tokenizer(args)
     tok.batch_size = args.batch_size
-    command = [PROG, "evaluate", args.folder, "--model", args.model, "-o", args.output, "--batch-size",
-               str(args.batch_size), "--device", args.device]
-    for flag, value in (("--max-images", args.max_images), ("--thresholds", args.thresholds),
+    command = [PROG, "evaluate", args.folder, "-o", args.output, "--batch-size", str(args.batch_size), "--device",
+               args.device]
+    for flag, value in (("--model", args.model), ("--max-images", args.max_images), ("--thresholds", args.thresholds),
                         ("--max-tokens", args.max_tokens), ("--dtype", args.dtype)):
         command += [flag, str(value)] if value is not None else []
     report = evaluate_folder(tok, args.folder, args.output, max_images=args.max_images, thresholds=thresholds,
-                             batch_size=args.batch_size, max_tokens=args.max_tokens, model_name=args.model,
+                             batch_size=args.batch_size, max_tokens=args.max_tokens, model_name=model_label(args),
                              command=command)
     print(format_table(report))
     print(f"wrote {Path(args.output) / 'report.json'} and {len(report['figures'])} figures "
@@ -419,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--model", metavar="MODEL", help=_MODEL_HELP + " (default: the embedded default model)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default=None, metavar="DTYPE",
                         help="float32 (default), bfloat16, or float16 (CUDA only)")

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.config import ModelConfig
+from adaptive_tokenizer.hub import MANIFEST_PATH
 from training import distill, evaluate, vq
+from training.ship import ship
 from training.data import list_images, random_crop, split_files
 from training.losses import ms_ssim
 
@@ -176,3 +179,21 @@ def test_distill(image_folder, tmp_path):
     c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key].half().float(), rtol=0, atol=0, msg=key)
+
+
+def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
+    package = tmp_path / "package"
+    copies = (package / "weights_manifest.json", tmp_path / "weights_manifest.json")
+    package.mkdir()
+    for copy in copies:
+        copy.write_text(MANIFEST_PATH.read_text())
+    entry = ship(converted_dirs["A"], "tiny-test", description="tiny", license="other", training_data="fixtures",
+                 recipe="adaptive-tokenizer convert", default=True, package_dir=package, manifest_copies=copies)
+    assert copies[0].read_text() == copies[1].read_text()
+    manifest = json.loads(copies[0].read_text())
+    assert manifest["default"] == "tiny-test" and manifest["models"]["tiny-test"] == entry
+    weights = load_file(package / "weights" / "tiny-test" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert (package / "weights" / "tiny-test" / "README.md").is_file()
+    tok = AdaptiveTokenizer.from_pretrained(manifest=copies[0])  # the default, checksums verified
+    assert len(tok.encode(torch.rand(3, 64, 64), budget=32).tokens[0]) == 32
