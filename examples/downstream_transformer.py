@@ -1,9 +1,8 @@
 """Variable-length image tokens as input to a small downstream transformer (text + image vocabulary).
 
-    python examples/downstream_transformer.py MODEL_DIR IMAGE [IMAGE ...] [--halt-threshold 0.07]
+    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.07]
 
-MODEL_DIR is a quantized model directory (config.json + model.safetensors), e.g. one made with
-``adaptive-tokenizer convert CKPT.pth MODEL_DIR``; a default model does not ship yet.
+Without ``--model`` it uses the default model embedded in the package; the model must have quantized latents.
 
 Each image is encoded adaptively (its own length), then every row becomes
 ``[text prompt] <boi> [image ids] <eoi> <pad> ...`` in one combined vocabulary: text ids ``[0, 1000)``, image
@@ -57,12 +56,12 @@ def build_sequences(image_ids: Tensor, image_mask: Tensor, prompt: Tensor, boi: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
     parser.add_argument("images", nargs="+")
+    parser.add_argument("--model", default=None, help="default: the embedded default model")
     parser.add_argument("--halt-threshold", type=float, default=0.07)
     args = parser.parse_args()
 
-    tok = AdaptiveTokenizer.from_pretrained(args.model_dir)
+    tok = AdaptiveTokenizer.from_pretrained(args.model)
     if not tok.config.quantized:
         parser.error("this example needs a quantized model (token ids); continuous models give vectors")
     result = tok.encode(args.images, halt_threshold=args.halt_threshold)

@@ -1,10 +1,9 @@
 """Quickstart: one image at several token budgets, and adaptively, with a labelled PNG strip.
 
-    python examples/quickstart.py MODEL_DIR IMAGE [-o quickstart_strip.png] [--halt-threshold 0.07]
+    python examples/quickstart.py IMAGE [--model MODEL] [-o quickstart_strip.png] [--halt-threshold 0.07]
 
-MODEL_DIR is a model directory (config.json + model.safetensors), e.g. one made with
-``adaptive-tokenizer convert CKPT.pth MODEL_DIR``. It is required for now: no default model ships with this
-version, so ``AdaptiveTokenizer.from_pretrained()`` without a directory does not work yet.
+Without ``--model`` it uses the default model embedded in the package (``AdaptiveTokenizer.from_pretrained()``,
+no download); ``--model`` takes anything ``from_pretrained`` takes (a name, ``org/name``, a directory).
 """
 
 from __future__ import annotations
@@ -19,14 +18,14 @@ BUDGETS = (32, 64, 128, 256)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
     parser.add_argument("image")
+    parser.add_argument("--model", default=None, help="default: the embedded default model")
     parser.add_argument("-o", "--output", default="quickstart_strip.png")
     parser.add_argument("--halt-threshold", type=float, default=0.07,
                         help="adaptive length: fewest tokens with mean absolute pixel error <= this")
     args = parser.parse_args()
 
-    tok = AdaptiveTokenizer.from_pretrained(args.model_dir)
+    tok = AdaptiveTokenizer.from_pretrained(args.model)
     image = load_images(args.image, tok.config.image_size)  # [1, 3, R, R] in [0, 1]: what the model sees
     panels, labels = [to_pil(image[0])], ["input"]
 

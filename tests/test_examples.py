@@ -43,7 +43,7 @@ def run_example(name: str, *args: object, cwd: Path) -> subprocess.CompletedProc
 
 
 def test_quickstart(model_dir, image_paths, tmp_path):
-    result = run_example("quickstart.py", model_dir, image_paths[1], cwd=tmp_path)
+    result = run_example("quickstart.py", image_paths[1], "--model", model_dir, cwd=tmp_path)
     for budget in (32, 64, 128, 256):
         assert f"budget {budget:>3}: {budget} tokens" in result.stdout
     assert "adaptive (threshold 0.07)" in result.stdout
@@ -52,6 +52,6 @@ def test_quickstart(model_dir, image_paths, tmp_path):
 
 
 def test_downstream_transformer(model_dir, image_paths, tmp_path):
-    result = run_example("downstream_transformer.py", model_dir, *image_paths, "--halt-threshold", "0.5",
+    result = run_example("downstream_transformer.py", *image_paths, "--model", model_dir, "--halt-threshold", "0.5",
                          cwd=tmp_path)
     assert "logits (3, " in result.stdout and "vocab 1131" in result.stdout
