@@ -142,7 +142,10 @@ class QuantizerTrainer:
 
 
 def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, args: argparse.Namespace,
-                 device: torch.device, iterations: list[int]) -> tuple[Tensor, dict[str, float], Tensor]:
+                 device: torch.device, iterations: list[int],
+                 quantize: bool = True) -> tuple[Tensor, dict[str, float], Tensor]:
+    """One step's loss. ``quantize=False`` (warm-up, ``--quantize-after``): the decoder reads the l2-normalised
+    vectors themselves while the codebook still learns to follow them."""
     config = model.config
     T = config.tokens_per_iteration
     with torch.no_grad():
@@ -155,6 +158,8 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
         latents = model.encoder.forward_block_causal(prefix, max(iterations) + 1)
         vectors = model.encoder.to_token_vectors(latents)
     decoder_inputs, ids, q_loss, normalised = quantizer(model, vectors, args.commit_weight)
+    if not quantize:
+        decoder_inputs = F.normalize(vectors.float(), dim=-1)
     total, weight_sum, parts = 0.0, 0.0, {}
     for t in iterations:
         with autocast(device, args.precision):
@@ -242,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="ModelConfig JSON overriding the default (its base is "
                                                         "replaced by the --base tokenizer's)")
     parser.add_argument("--iters-per-step", type=int, default=2, help="random iterations decoded per step")
+    parser.add_argument("--quantize-after", type=int, default=0,
+                        help="warm-up steps in which the decoder reads unquantized (normalised) vectors")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--code-weight", type=float, default=1.0, help="weight of the code regression MSE")
     parser.add_argument("--quant-weight", type=float, default=1.0)
@@ -360,7 +367,8 @@ def train(args: argparse.Namespace) -> dict:
         set_lr(optimizer, schedule.lr(step))
         pixels = stream.next_batch().to(device)
         iterations = sample_iterations(iteration_gen, config.max_iterations, args.iters_per_step)
-        loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations)
+        loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations,
+                                               quantize=step >= args.quantize_after)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
