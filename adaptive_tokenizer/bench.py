@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig, VQGANConfig
-from .hub import load_manifest
+from .config import DEFAULT_MODEL, ModelConfig, VQGANConfig
 from .model import ALITModel
 from .rollout import IterationRecord, rollout
 
@@ -41,15 +40,11 @@ SIZES = ("alit_small", "default")
 
 
 def preset_config(size: str) -> ModelConfig:
-    """``alit_small`` or ``default`` (the size of the embedded default model, read from its config.json)."""
-    if size == "alit_small":
-        return ALIT_SMALL
-    if size == "default":
-        manifest = load_manifest()
-        if manifest.default is None:
-            raise ValueError("no embedded default model in this installation; use --size alit_small")
-        return ModelConfig.from_json(manifest.models[manifest.default].embedded / "config.json")
-    raise ValueError(f"unknown size {size!r}; choose from {SIZES}")
+    """``alit_small`` (the authors' size) or ``default`` (the embedded default model's architecture)."""
+    presets = {"alit_small": ALIT_SMALL, "default": DEFAULT_MODEL}
+    if size not in presets:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(presets)}")
+    return presets[size]
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> ALITModel:
@@ -228,7 +223,7 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=SIZES, default="default",
-                        help="alit_small (the authors' size) or default (the embedded default model's size)")
+                        help="alit_small (the authors' size) or default (the embedded default model's architecture)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_tokenizer.config import ModelConfig
+from adaptive_tokenizer.config import DEFAULT_MODEL, ModelConfig
 from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files
 
@@ -55,11 +55,8 @@ ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)  # the authors' pe
 
 def default_model_config(base_config) -> ModelConfig:
     """The embedded default model: 128 px, 16x16 base grid, 32 tokens x 1..8 iterations, 4096 codes, cached."""
-    return ModelConfig(base=base_config, image_size=base_config.resolution, patch_size=base_config.downsample_factor,
-                       encoder_width=256, encoder_layers=4, encoder_heads=8, decoder_width=256, decoder_layers=4,
-                       decoder_heads=8, mlp_ratio=4.0, latent_kind="quantized", factorize_latent=True, token_dim=12,
-                       codebook_size=4096, tokens_per_iteration=32, max_iterations=8, decoder_max_latent_tokens=256,
-                       dynamic_halting=False, rollout="cached")
+    return DEFAULT_MODEL.replace(base=base_config, image_size=base_config.resolution,
+                                 patch_size=base_config.downsample_factor)
 
 
 def init_alit_weights(model: ALITModel, seed: int = 0) -> None:

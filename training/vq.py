@@ -22,6 +22,7 @@ Output (``--out``): ``checkpoint.pt`` (resumable: model, optimizer, EMA codebook
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from adaptive_tokenizer.base_tokenizer import VQGAN
-from adaptive_tokenizer.config import VQGANConfig
+from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
 
 from .common import (Progress, Provenance, Schedule, StopFlag, add_common_args, apply_threads, atomic_torch_save,
                      atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
@@ -47,8 +48,7 @@ BASE_WEIGHTS = "base.safetensors"
 
 def default_vq_config(resolution: int = 128) -> VQGANConfig:
     """The default model's base tokenizer: ~3.1M parameters, 8x downsampling, 1024 codes of 64 dims."""
-    return VQGANConfig(ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=64,
-                       codebook_size=1024, codebook_dim=64, resolution=resolution)
+    return dataclasses.replace(DEFAULT_BASE, resolution=resolution)
 
 
 class EMACodebook:
