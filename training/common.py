@@ -126,6 +126,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+class RunClock:
+    """After each step: checkpoint every ``--ckpt-minutes``; say why to stop (``--max-minutes`` or a signal)."""
+
+    def __init__(self, args: argparse.Namespace, stop_flag: "StopFlag", start: float):
+        self.args, self.stop_flag = args, stop_flag
+        self.start = self.last_checkpoint = start
+
+    def after_step(self, checkpoint) -> str | None:
+        if time.time() - self.last_checkpoint >= 60 * self.args.ckpt_minutes:
+            checkpoint()
+            self.last_checkpoint = time.time()
+        if self.args.max_minutes and time.time() - self.start >= 60 * self.args.max_minutes:
+            return "time"
+        if self.stop_flag.requested:
+            return "signal"
+        return None
+
+
 class StopFlag:
     """Set by SIGTERM / SIGINT: the training loop then checkpoints, exports and exits at the end of its step."""
 

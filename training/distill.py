@@ -43,8 +43,8 @@ from adaptive_tokenizer.config import DEFAULT_MODEL, ModelConfig
 from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files
 
-from .common import (Progress, Provenance, Schedule, StopFlag, add_common_args, apply_threads, atomic_torch_save,
-                     atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
+from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
+                     atomic_torch_save, atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
                      seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
 from .losses import reconstruction_loss, smoothed_cross_entropy
@@ -329,7 +329,7 @@ def train(args: argparse.Namespace) -> dict:
     bar = Progress(total=args.steps, initial=step, disable=args.no_progress, log_every=args.log_every)
     bar.log(f"ALIT parameters {json.dumps(counts)}; {len(train_names)} train / {len(val_names)} val images, "
             f"device {device}, precision {args.precision}, threads {torch.get_num_threads()}")
-    t_start, last_ckpt, start_images = time.time(), time.time(), stream.images_seen
+    t_start, start_images = time.time(), stream.images_seen
     metrics_file = (out / "metrics.jsonl").open("a")
 
     def checkpoint(final: bool = False) -> None:
@@ -354,6 +354,7 @@ def train(args: argparse.Namespace) -> dict:
         export_model(model, out)
 
     stop_flag = StopFlag()
+    clock = RunClock(args, stop_flag, t_start)
     model.train()
     model.base.eval()
     stopped = "steps"
@@ -379,14 +380,8 @@ def train(args: argparse.Namespace) -> dict:
         bar.update(step, pixels.shape[0], {k: v for k, v in parts.items() if not k.startswith("pl1_")})
         if args.eval_every and step % args.eval_every == 0 and val is not None:
             bar.log(f"step {step}: " + json.dumps(evaluate(model, val)))
-        if time.time() - last_ckpt >= 60 * args.ckpt_minutes:
-            checkpoint()
-            last_ckpt = time.time()
-        if args.max_minutes and time.time() - t_start >= 60 * args.max_minutes:
-            stopped = "time"
-            break
-        if stop_flag.requested:
-            stopped = "signal"
+        if (reason := clock.after_step(checkpoint)) is not None:
+            stopped = reason
             break
     checkpoint(final=True)
     stop_flag.restore()

@@ -36,8 +36,8 @@ from torch import Tensor
 from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
 
-from .common import (Progress, Provenance, Schedule, StopFlag, add_common_args, apply_threads, atomic_torch_save,
-                     atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
+from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
+                     atomic_torch_save, atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
                      seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
 from .losses import reconstruction_loss
@@ -265,7 +265,7 @@ def train(args: argparse.Namespace) -> dict:
     bar.log(f"VQGAN {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_names)} train / "
             f"{len(val_names)} val images, device {device}, precision {args.precision}, "
             f"threads {torch.get_num_threads()}")
-    t_start, last_ckpt, start_images = time.time(), time.time(), stream.images_seen
+    t_start, start_images = time.time(), stream.images_seen
     metrics_file = (out / "metrics.jsonl").open("a")
 
     def checkpoint(final: bool = False) -> None:
@@ -287,6 +287,7 @@ def train(args: argparse.Namespace) -> dict:
         atomic_write_text(out / "export" / "training_provenance.json", (out / "provenance.json").read_text())
 
     stop_flag = StopFlag()
+    clock = RunClock(args, stop_flag, t_start)
     model.train()
     stopped = "steps"
     while step < args.steps:
@@ -317,14 +318,8 @@ def train(args: argparse.Namespace) -> dict:
         bar.update(step, pixels.shape[0], parts)
         if args.eval_every and step % args.eval_every == 0 and val is not None:
             bar.log(f"step {step}: " + json.dumps(evaluate(model, val)))
-        if time.time() - last_ckpt >= 60 * args.ckpt_minutes:
-            checkpoint()
-            last_ckpt = time.time()
-        if args.max_minutes and time.time() - t_start >= 60 * args.max_minutes:
-            stopped = "time"
-            break
-        if stop_flag.requested:
-            stopped = "signal"
+        if (reason := clock.after_step(checkpoint)) is not None:
+            stopped = reason
             break
     checkpoint(final=True)
     stop_flag.restore()
