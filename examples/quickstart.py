@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import argparse
 
+from PIL import Image
+
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.image_io import labelled_strip, load_images, to_pil
 
 BUDGETS = (32, 64, 128, 256)
+PANEL_SIZE = 256  # smaller models' images are shown enlarged (nearest neighbour), so that the labels fit
+
+
+def panel(pixels) -> Image.Image:
+    image = to_pil(pixels)
+    return image if image.width >= PANEL_SIZE else image.resize((PANEL_SIZE, PANEL_SIZE), Image.NEAREST)
 
 
 def main() -> None:
@@ -27,14 +35,14 @@ def main() -> None:
 
     tok = AdaptiveTokenizer.from_pretrained(args.model)
     image = load_images(args.image, tok.config.image_size)  # [1, 3, R, R] in [0, 1]: what the model sees
-    panels, labels = [to_pil(image[0])], ["input"]
+    panels, labels = [panel(image[0])], ["input"]
 
     for budget in (b for b in BUDGETS if b <= tok.max_tokens):
         result = tok.encode(image, budget=budget)  # exactly `budget` tokens
         pixels = tok.decode(result)
         error = (pixels - image).abs().mean().item()
         print(f"budget {budget:>3}: {int(result.num_tokens[0])} tokens, L1 {error:.4f}")
-        panels.append(to_pil(pixels[0]))
+        panels.append(panel(pixels[0]))
         labels.append(f"{budget} tok  L1 {error:.3f}")
 
     result = tok.encode(image, halt_threshold=args.halt_threshold)  # the image picks its own length
@@ -42,7 +50,7 @@ def main() -> None:
     count, error = int(result.num_tokens[0]), (pixels - image).abs().mean().item()
     print(f"adaptive (threshold {args.halt_threshold}): {count} tokens, L1 {error:.4f} "
           f"(error the length choice saw, before clamping: {float(result.errors[0]):.4f})")
-    panels.append(to_pil(pixels[0]))
+    panels.append(panel(pixels[0]))
     labels.append(f"adaptive {count} tok  L1 {error:.3f}")
 
     labelled_strip(panels, labels).save(args.output)

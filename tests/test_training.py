@@ -9,11 +9,12 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
 from adaptive_tokenizer import AdaptiveTokenizer
-from adaptive_tokenizer.config import ModelConfig
+from adaptive_tokenizer.config import ModelConfig, VQGANConfig
 from adaptive_tokenizer.hub import MANIFEST_PATH
 from training import distill, evaluate, vq
 from training.ship import ship
@@ -176,9 +177,36 @@ def test_distill(image_folder, tmp_path):
     # continuing from exported (e.g. committed fp16) weights in a fresh run folder
     distill.main(common + ["--out", str(tmp_path / "c"), "--steps", "1", "--stop-after", "0",
                            "--init", str(tmp_path / "a" / "export-fp16")])
+    # (its encoder/decoder/quantizer from --init, its frozen base from --base, which may have trained further)
     c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    base_weights = base.state_dict()
     for key in a["model"]:
-        torch.testing.assert_close(c["model"][key], a["model"][key].half().float(), rtol=0, atol=0, msg=key)
+        expected = base_weights[key[5:]] if key.startswith("base.") else a["model"][key].half().float()
+        torch.testing.assert_close(c["model"][key], expected, rtol=0, atol=0, msg=key)
+    # ... and its provenance continues that of the weights it started from, with the base's record
+    history = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    record = json.loads((tmp_path / "c" / "provenance.json").read_text())
+    assert record["sessions"][:-1] == history["sessions"] and len(record["sessions"]) == 3
+    assert record["base"]["stage"] == "vq" and record["base"]["sessions"]
+    assert record["totals"]["images_seen"] == history["totals"]["images_seen"]
+
+
+def test_init_schemes():
+    config = tiny_config(VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=8,
+                                     codebook_size=16, codebook_dim=8))
+    small, sincos = distill.ALITModel(config), distill.ALITModel(config)
+    distill.init_alit_weights(small, 0, "small")
+    distill.init_alit_weights(sincos, 0, "xavier-sincos")
+    width = config.encoder_width
+    codes = distill.sincos_2d(config.grid_size, width)
+    assert codes.shape == (config.grid_size**2, width) and len({tuple(row.tolist()) for row in codes}) == len(codes)
+    for part in ("encoder", "decoder"):
+        torch.testing.assert_close(getattr(sincos, part).positional_embedding[1:], codes * width**-0.5)
+        assert getattr(small, part).positional_embedding.abs().max() <= 0.04  # trunc-normal(0.02)
+    assert sincos.encoder.transformer.blocks[0].attn.qkv.weight.std() > 2 * small.encoder.transformer.blocks[
+        0].attn.qkv.weight.std()  # xavier vs 0.02
+    with pytest.raises(ValueError, match="unknown init scheme 'kaiming'"):
+        distill.init_alit_weights(small, 0, "kaiming")
 
 
 def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
@@ -197,3 +225,66 @@ def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
     assert (package / "weights" / "tiny-test" / "README.md").is_file()
     tok = AdaptiveTokenizer.from_pretrained(manifest=copies[0])  # the default, checksums verified
     assert len(tok.encode(torch.rand(3, 64, 64), budget=32).tokens[0]) == 32
+
+
+def test_latent_grid_positions_cover_the_grid_coarse_to_fine():
+    cells = distill.latent_grid_positions(16, 32, 8)
+    assert cells.shape == (8, 32) and sorted(cells.flatten().tolist()) == list(range(256))
+    rows, cols = cells[0] // 16, cells[0] % 16
+    assert set(rows.tolist()) == {0, 4, 8, 12} and set(cols.tolist()) == set(range(0, 16, 2))  # 4x8 sub-grid
+
+
+def _layer0_attention(part, x: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities ``[N, heads, L, L]`` of the first block of ``part`` (encoder or decoder) on ``x``."""
+    block = part.transformer.blocks[0]
+    q, k, _ = block.attn.qkv(block.norm1(x)).chunk(3, dim=-1)
+    q, k = (t.unflatten(-1, (block.attn.heads, -1)).transpose(1, 2) for t in (q, k))
+    return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+
+
+def test_local_init_routes_attention_by_position():
+    """``--init-scheme local``: at step 0 an encoder latent attends around its own grid cell and a decoder grid
+    query attends to the latent of its cell (random images; the base tokenizer is untrained here)."""
+    from adaptive_tokenizer.config import DEFAULT_MODEL
+
+    config, grid = DEFAULT_MODEL, DEFAULT_MODEL.grid_size
+    cells = distill.latent_grid_positions(grid, config.tokens_per_iteration, config.max_iterations)
+    pixels = torch.rand(2, 3, config.image_size, config.image_size)
+    features = torch.randn(2, config.base.z_channels, grid, grid)
+    neighbourhood = {}
+    for scheme in ("xavier-sincos", "local"):
+        model = distill.ALITModel(config)
+        distill.init_alit_weights(model, 0, scheme)
+        with torch.no_grad():
+            prefix = model.encoder.embed_image(pixels, features)
+            x = model.encoder.norm_pre(torch.cat([prefix, model.encoder.latent_block(0).expand(2, -1, -1)], 1))
+            to_grid = _layer0_attention(model.encoder, x)[:, :, prefix.shape[1]:, 1 : prefix.shape[1]]
+            to_grid = to_grid.reshape(2, -1, config.tokens_per_iteration, grid, grid)
+            mass = [to_grid[:, :, i, max(0, r - 1) : r + 2, max(0, c - 1) : c + 2].sum((-1, -2)).mean()
+                    for i, (r, c) in enumerate(zip((cells[0] // grid).tolist(), (cells[0] % grid).tolist()))]
+            neighbourhood[scheme] = torch.stack(mass).mean().item()
+            vectors = F.normalize(torch.randn(2, cells.numel(), config.token_dim), dim=-1)
+            latents = model.decoder.norm_pre(model.decoder.latent_embed(vectors)
+                                             + model.decoder.latent_positional_embedding[: cells.numel()])
+            x = torch.cat([model.decoder.normed_queries().expand(2, -1, -1), latents], 1)
+            to_latents = _layer0_attention(model.decoder, x)[:, :, 1 : 1 + grid**2, 1 + grid**2 :]
+            latent_of_cell = torch.empty(grid**2, dtype=torch.long)
+            latent_of_cell[cells.flatten()] = torch.arange(cells.numel())
+            own = to_latents.gather(-1, latent_of_cell.view(1, 1, -1, 1).expand(2, to_latents.shape[1], -1, 1))
+        if scheme == "local":
+            assert own.mean() > 20 / cells.numel()  # uniform would be 1 / 256
+    assert neighbourhood["local"] > 0.3 > 0.1 > neighbourhood["xavier-sincos"]  # 3x3 cells: uniform 9 / 256
+
+
+def test_codebook_initialised_from_the_first_batch():
+    config = tiny_config(VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=8,
+                                     codebook_size=16, codebook_dim=8))
+    model = distill.ALITModel(config)
+    distill.init_alit_weights(model, 0)
+    vectors = torch.randn(4, 12, config.token_dim)
+    quantizer = distill.QuantizerTrainer(config.codebook_size, init_from_data=True)
+    _, ids, _, normalised = quantizer(model, vectors, 0.25)
+    similarity = F.normalize(model.quantizer.codebook, dim=-1) @ normalised.reshape(-1, config.token_dim).t()
+    assert similarity.max(1).values.min() > 0.99  # every code sits on one of the batch's vectors
+    assert not quantizer.needs_init and not quantizer.state_dict()["needs_init"]
+    assert ids.unique().numel() > config.codebook_size // 2

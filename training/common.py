@@ -126,6 +126,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler, params: list[torch.Tensor],
+                   grad_clip: float) -> None:
+    """Backward (through the GradScaler when fp16 on CUDA), clip the gradient norm of ``params``, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def finish_run(checkpoint, stop_flag: "StopFlag", bar: "Progress", metrics_file, stopped: str, step: int,
+               out: Path) -> dict[str, Any]:
+    """Final checkpoint + export, restore signal handlers, close the log; the run's summary."""
+    checkpoint(final=True)
+    stop_flag.restore()
+    bar.close()
+    bar.log(f"stopped ({stopped}) at step {step}; export in {out / 'export'}")
+    metrics_file.close()
+    return {"step": step, "metrics": bar.smoothed}
+
+
 class RunClock:
     """After each step: checkpoint every ``--ckpt-minutes``; say why to stop (``--max-minutes`` or a signal)."""
 
@@ -225,13 +248,18 @@ def machine_description() -> dict[str, Any]:
 class Provenance:
     """``provenance.json`` in the run folder: what data, which split, how long, on what, with which command.
 
-    One record per invocation (``sessions``), so a model continued across sessions keeps its whole history.
+    One record per invocation (``sessions``), so a model continued across sessions keeps its whole history: a
+    fresh run folder started from exported weights (``inherit``: their folder) takes over the sessions recorded in
+    their ``training_provenance.json``. ``base``: the frozen base's folder, whose record is kept as ``base``.
     """
 
-    def __init__(self, out: Path, stage: str, args: argparse.Namespace, data_record: dict[str, Any]):
+    def __init__(self, out: Path, stage: str, args: argparse.Namespace, data_record: dict[str, Any],
+                 inherit: str | Path | None = None, base: str | Path | None = None):
         self.path = out / "provenance.json"
-        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else read_provenance(inherit, stage)
         self.record = previous if previous.get("stage") == stage else {"stage": stage, "sessions": []}
+        if read_provenance(base, "vq"):
+            self.record["base"] = read_provenance(base, "vq")
         self.record["data"] = data_record
         self.session = {"command": [sys.executable, "-m", f"training.{stage}", *getattr(args, "argv", sys.argv[1:])],
                         "args": {k: v for k, v in vars(args).items() if k != "argv"},
@@ -246,6 +274,16 @@ class Provenance:
                   "images_seen": sum(s.get("images_seen", 0) for s in self.record["sessions"])}
         self.record["totals"] = totals
         atomic_write_text(self.path, json.dumps(self.record, indent=2, default=str) + "\n")
+
+
+def read_provenance(folder: str | Path | None, stage: str) -> dict[str, Any]:
+    """The record of training ``stage`` in an exported folder's ``training_provenance.json``: the file itself or,
+    for the base stage ("vq") of an ALIT model, its ``base`` entry. ``{}`` when there is none."""
+    path = Path(folder) / "training_provenance.json" if folder is not None else None
+    record = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if record.get("stage") != stage:
+        record = record.get("base", {})
+    return record if record.get("stage") == stage else {}
 
 
 def file_list_hash(names: list[str]) -> str:

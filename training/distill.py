@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import json
 import sys
 import random
@@ -44,8 +45,8 @@ from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files
 
 from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
-                     atomic_torch_save, atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
-                     seed_everything, set_lr, set_rng_state)
+                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, make_scaler,
+                     optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
 from .losses import reconstruction_loss, smoothed_cross_entropy
 from .vq import load_base
@@ -59,9 +60,60 @@ def default_model_config(base_config) -> ModelConfig:
                                  patch_size=base_config.downsample_factor)
 
 
-def init_alit_weights(model: ALITModel, seed: int = 0) -> None:
-    """Fill the non-base parameters (the library creates them as zeros): trunc-normal(0.02) Linear/Conv weights,
-    zero biases, unit LayerNorms, N(0, 0.02) embeddings, random unit vectors for the latent codebook."""
+def sincos_2d(grid_size: int, width: int, wavelengths: tuple[float, float] = (2 * math.pi, 2 * math.pi * 1e4)) -> Tensor:
+    """2D sine-cosine position codes ``[grid_size**2, width]`` (row-major), half the width per axis, with
+    ``width // 4`` wavelengths (in grid cells) spaced geometrically over ``wavelengths`` (default: MAE's)."""
+    quarter = width // 4
+    steps = torch.arange(quarter, dtype=torch.float64) / quarter
+    frequencies = 2 * math.pi / (wavelengths[0] * (wavelengths[1] / wavelengths[0]) ** steps)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (ys.flatten(), xs.flatten()):
+        angles = axis[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    codes = torch.cat(parts, dim=1)
+    return F.pad(codes, (0, width - codes.shape[1])).float()
+
+
+def latent_grid_positions(grid_size: int, tokens_per_iteration: int, iterations: int) -> Tensor:
+    """Grid cell (row-major index) assigned to each latent token, ``[iterations, tokens_per_iteration]``.
+
+    Iteration 0's tokens sit on a regular sub-grid (e.g. 4x8 for 32 tokens on 16x16); iteration t shifts that
+    sub-grid by its t-th offset inside one sub-grid cell, so when iterations x tokens equals the grid size (8 x 32
+    = 256) every cell is covered exactly once, coarse to fine."""
+    rows = max(1, int(tokens_per_iteration**0.5))
+    while tokens_per_iteration % rows:
+        rows -= 1
+    cols = tokens_per_iteration // rows
+    cell_h, cell_w = max(1, grid_size // rows), max(1, grid_size // cols)
+    offsets = [(dy, dx) for dy in range(cell_h) for dx in range(cell_w)]
+    positions = torch.empty(iterations, tokens_per_iteration, dtype=torch.long)
+    for t in range(iterations):
+        dy, dx = offsets[t % len(offsets)]
+        r = torch.arange(rows).repeat_interleave(cols) * cell_h + dy
+        c = torch.arange(cols).repeat(rows) * cell_w + dx
+        positions[t] = r.clamp(max=grid_size - 1) * grid_size + c.clamp(max=grid_size - 1)
+    return positions
+
+
+INIT_SCHEMES = ("small", "xavier-sincos", "local")
+
+
+def init_alit_weights(model: ALITModel, seed: int = 0, scheme: str = "small", attention_gain: float = 8.0) -> None:
+    """Fill the non-base parameters (the library creates them as zeros).
+
+    ``small``: trunc-normal(0.02) Linear/Conv weights, N(0, 0.02) embeddings. ``xavier-sincos`` (MAE-style):
+    xavier-uniform Linear/Conv weights and 2D sine-cosine codes as the initial (still learned) grid positions of
+    encoder and decoder. ``local``: position-routed attention at step 0. Grid positions get sine-cosine codes in
+    the first half of the width, latent tokens the code of one grid cell each (:func:`latent_grid_positions`) in
+    the second half (encoder: latent embeddings; decoder: latent positions); every attention layer's query and
+    key projections read those halves through one shared random matrix (``attention_gain`` x on the query), so
+    that an encoder latent attends to the 2D tokens around its cell and a decoder grid query to the latents of
+    its cell: the tokens carry local image content from the first step instead of one global average.
+    All schemes: zero biases, unit LayerNorms, random unit vectors for the latent codebook."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}: use one of {', '.join(INIT_SCHEMES)}")
     gen = torch.Generator().manual_seed(seed)
 
     def trunc_normal(tensor: Tensor, std: float = 0.02) -> None:
@@ -69,10 +121,17 @@ def init_alit_weights(model: ALITModel, seed: int = 0) -> None:
             values = torch.randn(tensor.shape, generator=gen) * std
             tensor.copy_(values.clamp(-2 * std, 2 * std))
 
+    def xavier(weight: Tensor) -> None:
+        fan_out, fan_in = weight.shape[0], weight[0].numel()
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        with torch.no_grad():
+            weight.copy_((torch.rand(weight.shape, generator=gen) * 2 - 1) * bound)
+
+    config = model.config
     for part in (model.encoder, model.decoder):
         for module in part.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                trunc_normal(module.weight)
+                (trunc_normal if scheme == "small" else xavier)(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
@@ -80,34 +139,77 @@ def init_alit_weights(model: ALITModel, seed: int = 0) -> None:
                 nn.init.zeros_(module.bias)
         for name, param in part.named_parameters(recurse=False):
             trunc_normal(param)
-    if model.quantizer is not None:
+        if scheme == "small":
+            continue
+        width = part.positional_embedding.shape[1]
+        half = width // 2 if scheme == "local" else width
+        grid_codes = torch.zeros(config.grid_size**2, width)
+        # scaled like the unit-norm image tokens; ``local``: wavelengths of 2..2*grid cells, for locality
+        wavelengths = (2.0, 2.0 * config.grid_size) if scheme == "local" else (2 * math.pi, 2 * math.pi * 1e4)
+        grid_codes[:, :half] = sincos_2d(config.grid_size, half, wavelengths) * width**-0.5
         with torch.no_grad():
-            random_vectors = torch.randn(model.quantizer.codebook.shape, generator=gen)
-            model.quantizer.codebook.copy_(F.normalize(random_vectors, dim=-1))
+            part.positional_embedding[1:] = grid_codes
+            if scheme != "local":
+                continue
+            cells = latent_grid_positions(config.grid_size, config.tokens_per_iteration, config.max_iterations)
+            latent_codes = torch.zeros(config.max_iterations, config.tokens_per_iteration, width)
+            latent_codes[..., half:] = grid_codes[cells][..., :half]
+            if part is model.encoder:
+                part.latent_tokens.zero_()
+                part.latent_positional_embedding.zero_()
+                part.iteration_embedding.copy_(latent_codes + part.iteration_embedding * 0.1)
+                query_half, key_half = slice(half, width), slice(0, half)  # latents look up grid cells
+            else:
+                positions = latent_codes.flatten(0, 1)[: part.latent_positional_embedding.shape[0]]
+                part.latent_positional_embedding[: len(positions)] = positions
+                query_half, key_half = slice(0, half), slice(half, width)  # grid queries look up latents
+            for block in part.transformer.blocks:
+                q, k, _ = block.attn.qkv.weight.chunk(3)
+                shared = q[:, query_half].clone()
+                q.zero_()
+                k.zero_()
+                q[:, query_half] = attention_gain * shared
+                k[:, key_half] = shared
 
 
 class QuantizerTrainer:
     """Training side of the l2-normalised latent quantizer: STE, commitment/codebook losses, dead-code restarts.
 
     Usage is tracked as an EMA of per-step assignment counts; codes below ``dead_threshold`` are moved onto random
-    (normalised) token vectors of the batch and their Adam moments reset.
+    (normalised) token vectors of the batch and their Adam moments reset. ``init_from_data``: before the first
+    step the whole codebook is placed on the first batch's token vectors (with a little noise), as k-means-style
+    initialisations do, instead of random directions that the encoder's early outputs all fall between.
     """
 
-    def __init__(self, size: int, decay: float = 0.99, dead_threshold: float = 0.02, device=None):
+    def __init__(self, size: int, decay: float = 0.99, dead_threshold: float = 0.02, device=None,
+                 init_from_data: bool = False):
         self.usage = torch.full((size,), 2 * dead_threshold, device=device)
         self.decay, self.dead_threshold = decay, dead_threshold
         self.restarts = 0
+        self.needs_init = init_from_data
 
     def state_dict(self) -> dict:
-        return {"usage": self.usage, "restarts": self.restarts}
+        return {"usage": self.usage, "restarts": self.restarts, "needs_init": self.needs_init}
 
     def load_state_dict(self, state: dict) -> None:
         self.usage.copy_(state["usage"])
         self.restarts = state["restarts"]
+        self.needs_init = state.get("needs_init", False)
+
+    @torch.no_grad()
+    def place_codes(self, model: ALITModel, normalised: Tensor, codes: Tensor) -> None:
+        """Move ``codes`` (indices) onto random rows of ``normalised`` token vectors, plus 0.01 noise."""
+        flat = normalised.reshape(-1, normalised.shape[-1])
+        picks = flat[torch.randint(0, flat.shape[0], (codes.numel(),), device=flat.device)]
+        picks = F.normalize(picks + 0.01 * torch.randn_like(picks), dim=-1)
+        model.quantizer.codebook[codes] = picks.to(model.quantizer.codebook.dtype)
 
     def __call__(self, model: ALITModel, vectors: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``vectors [N, L, D]`` -> (decoder inputs with STE, ids, quantizer loss, normalised vectors)."""
         z = F.normalize(vectors.float(), dim=-1)
+        if self.needs_init:
+            self.place_codes(model, z.detach(), torch.arange(model.quantizer.codebook.shape[0], device=z.device))
+            self.needs_init = False
         codebook = F.normalize(model.quantizer.codebook.float(), dim=-1)
         flat = z.reshape(-1, z.shape[-1])
         with torch.no_grad():
@@ -124,12 +226,8 @@ class QuantizerTrainer:
         dead = (self.usage < self.dead_threshold).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
-        flat = normalised.reshape(-1, normalised.shape[-1])
-        picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
-        picks = F.normalize(picks + 0.01 * torch.randn_like(picks), dim=-1)
-        param = model.quantizer.codebook
-        param[dead] = picks.to(param.dtype)
-        state = optimizer.state.get(param, {})
+        self.place_codes(model, normalised, dead)
+        state = optimizer.state.get(model.quantizer.codebook, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key][dead] = 0
@@ -239,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     parser.add_argument("--base", required=True, help="stage-1 export folder (or an ALIT model folder: its base)")
     parser.add_argument("--init", default=None,
-                        help="start from this exported ALIT model (all its weights, its base included) when OUT "
-                             "has no checkpoint")
+                        help="start from this exported ALIT model's encoder/decoder/quantizer weights when OUT has no "
+                             "checkpoint (the base is --base's, e.g. a base trained further since)")
     parser.add_argument("--config", default=None, help="ModelConfig JSON overriding the default (its base is "
                                                         "replaced by the --base tokenizer's)")
+    parser.add_argument("--init-scheme", choices=INIT_SCHEMES, default="small",
+                        help="initialisation of a fresh model (see init_alit_weights)")
+    parser.add_argument("--attention-gain", type=float, default=8.0,
+                        help="--init-scheme local: query scale of the position-routed attention at step 0")
+    parser.add_argument("--codebook-init", choices=["data", "random"], default="data",
+                        help="fresh runs: latent codebook on the first batch's token vectors, or random directions")
     parser.add_argument("--iters-per-step", type=int, default=2, help="random iterations decoded per step")
     parser.add_argument("--quantize-after", type=int, default=0,
                         help="warm-up steps in which the decoder reads unquantized (normalised) vectors")
@@ -277,13 +381,14 @@ def train(args: argparse.Namespace) -> dict:
     else:
         config = default_model_config(base.config)
     model = ALITModel(config)
-    init_alit_weights(model, args.seed)
+    init_alit_weights(model, args.seed, args.init_scheme, args.attention_gain)
     model.base.load_state_dict(base.state_dict())
     if args.init and not (out / "checkpoint.pt").is_file():
         init_config, init_weights = load_model_files(args.init)
         if init_config != config:
             raise SystemExit(f"--init {args.init}: its config differs from the model being trained")
         model.load_state_dict(init_weights, strict=True)
+        model.base.load_state_dict(base.state_dict())  # the frozen base is always --base's
     model.to(device)
     model.base.requires_grad_(False)
     model.base.eval()
@@ -300,7 +405,9 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
     scaler = make_scaler(device, args.precision)
-    quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device)
+    fresh = not args.init and not (out / "checkpoint.pt").is_file()
+    quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device,
+                                 init_from_data=fresh and args.codebook_init == "data")
 
     train_names, val_names, data_record = prepare_split(args.data, out, args.val_fraction)
     log = Progress(total=args.steps, initial=0, disable=True).log
@@ -322,7 +429,7 @@ def train(args: argparse.Namespace) -> dict:
         step = state["step"]
         log(f"resumed from {ckpt_path} at step {step}")
     counts = model.num_parameters()
-    provenance = Provenance(out, "distill", args, data_record)
+    provenance = Provenance(out, "distill", args, data_record, inherit=args.init, base=args.base)
     provenance.update(start_step=step, config=config.to_dict(), parameters=counts,
                       base=str(Path(args.base).resolve()), init=args.init)
     schedule = Schedule(args, step)
@@ -367,13 +474,7 @@ def train(args: argparse.Namespace) -> dict:
         iterations = sample_iterations(iteration_gen, config.max_iterations, args.iters_per_step)
         loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations,
                                                quantize=step >= args.quantize_after)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, params, args.grad_clip)
         step += 1
         if step % args.restart_every == 0:
             parts["restarted"] = float(quantizer.restart_dead(model, normalised, optimizer))
@@ -383,12 +484,7 @@ def train(args: argparse.Namespace) -> dict:
         if (reason := clock.after_step(checkpoint)) is not None:
             stopped = reason
             break
-    checkpoint(final=True)
-    stop_flag.restore()
-    bar.close()
-    bar.log(f"stopped ({stopped}) at step {step}; export in {out / 'export'}")
-    metrics_file.close()
-    return {"step": step, "metrics": bar.smoothed}
+    return finish_run(checkpoint, stop_flag, bar, metrics_file, stopped, step, out)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
 
 from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
-                     atomic_torch_save, atomic_write_text, autocast, load_checkpoint, make_scaler, pick_device, rng_state,
-                     seed_everything, set_lr, set_rng_state)
+                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, make_scaler,
+                     optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
 from .losses import reconstruction_loss
 
@@ -257,7 +257,7 @@ def train(args: argparse.Namespace) -> dict:
         set_rng_state(state["rng"])
         step = state["step"]
         progress_log.log(f"resumed from {ckpt_path} at step {step}")
-    provenance = Provenance(out, "vq", args, data_record)
+    provenance = Provenance(out, "vq", args, data_record, inherit=args.init)
     provenance.update(start_step=step, config=config.__dict__,
                       parameters=sum(p.numel() for p in model.parameters()))
     schedule = Schedule(args, step)
@@ -304,13 +304,7 @@ def train(args: argparse.Namespace) -> dict:
         set_lr(optimizer, schedule.lr(step))
         pixels = stream.next_batch().to(device)
         loss, parts, flat, ids = vq_step(model, ema, pixels, args, device)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, params, args.grad_clip)
         ema.update(flat, ids, model.codebook.data)
         step += 1
         if step % args.restart_every == 0:
@@ -321,12 +315,7 @@ def train(args: argparse.Namespace) -> dict:
         if (reason := clock.after_step(checkpoint)) is not None:
             stopped = reason
             break
-    checkpoint(final=True)
-    stop_flag.restore()
-    bar.close()
-    bar.log(f"stopped ({stopped}) at step {step}; export in {out / 'export'}")
-    metrics_file.close()
-    return {"step": step, "metrics": bar.smoothed}
+    return finish_run(checkpoint, stop_flag, bar, metrics_file, stopped, step, out)
 
 
 if __name__ == "__main__":
