@@ -258,8 +258,8 @@ class Provenance:
         self.path = out / "provenance.json"
         previous = json.loads(self.path.read_text()) if self.path.is_file() else read_provenance(inherit, stage)
         self.record = previous if previous.get("stage") == stage else {"stage": stage, "sessions": []}
-        if read_provenance(base, "vq"):
-            self.record["base"] = read_provenance(base, "vq")
+        if base_record := read_provenance(base, "vq"):
+            self.record["base"] = base_record
         self.record["data"] = data_record
         self.session = {"command": [sys.executable, "-m", f"training.{stage}", *getattr(args, "argv", sys.argv[1:])],
                         "args": {k: v for k, v in vars(args).items() if k != "argv"},

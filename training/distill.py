@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import json
-import sys
+import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +60,10 @@ def default_model_config(base_config) -> ModelConfig:
                                  patch_size=base_config.downsample_factor)
 
 
-def sincos_2d(grid_size: int, width: int, wavelengths: tuple[float, float] = (2 * math.pi, 2 * math.pi * 1e4)) -> Tensor:
+MAE_WAVELENGTHS = (2 * math.pi, 2 * math.pi * 1e4)  # in grid cells: MAE's frequencies 1 / 10000**(i / quarter)
+
+
+def sincos_2d(grid_size: int, width: int, wavelengths: tuple[float, float] = MAE_WAVELENGTHS) -> Tensor:
     """2D sine-cosine position codes ``[grid_size**2, width]`` (row-major), half the width per axis, with
     ``width // 4`` wavelengths (in grid cells) spaced geometrically over ``wavelengths`` (default: MAE's)."""
     quarter = width // 4
@@ -145,7 +148,7 @@ def init_alit_weights(model: ALITModel, seed: int = 0, scheme: str = "small", at
         half = width // 2 if scheme == "local" else width
         grid_codes = torch.zeros(config.grid_size**2, width)
         # scaled like the unit-norm image tokens; ``local``: wavelengths of 2..2*grid cells, for locality
-        wavelengths = (2.0, 2.0 * config.grid_size) if scheme == "local" else (2 * math.pi, 2 * math.pi * 1e4)
+        wavelengths = (2.0, 2.0 * config.grid_size) if scheme == "local" else MAE_WAVELENGTHS
         grid_codes[:, :half] = sincos_2d(config.grid_size, half, wavelengths) * width**-0.5
         with torch.no_grad():
             part.positional_embedding[1:] = grid_codes
@@ -383,7 +386,8 @@ def train(args: argparse.Namespace) -> dict:
     model = ALITModel(config)
     init_alit_weights(model, args.seed, args.init_scheme, args.attention_gain)
     model.base.load_state_dict(base.state_dict())
-    if args.init and not (out / "checkpoint.pt").is_file():
+    resuming = (out / "checkpoint.pt").is_file()
+    if args.init and not resuming:
         init_config, init_weights = load_model_files(args.init)
         if init_config != config:
             raise SystemExit(f"--init {args.init}: its config differs from the model being trained")
@@ -405,9 +409,8 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
     scaler = make_scaler(device, args.precision)
-    fresh = not args.init and not (out / "checkpoint.pt").is_file()
     quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device,
-                                 init_from_data=fresh and args.codebook_init == "data")
+                                 init_from_data=not args.init and not resuming and args.codebook_init == "data")
 
     train_names, val_names, data_record = prepare_split(args.data, out, args.val_fraction)
     log = Progress(total=args.steps, initial=0, disable=True).log
