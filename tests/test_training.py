@@ -152,6 +152,21 @@ def test_distill(image_folder, tmp_path):
     loss, parts, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [1])
     loss.backward()
     assert torch.isfinite(loss) and "pl1_1" in parts and model.decoder.head[0].weight.grad is not None
+    assert model.base.decoder.conv_in.weight.grad is None  # the base decoder stays frozen without the flag
+
+    # stage 3 with --train-base-decoder: the base decoder learns (also from the base's own codes), its encoder and
+    # codebook stay as they are; the flag without a pixel loss is refused
+    with pytest.raises(SystemExit):
+        distill.main(common + ["--out", str(tmp_path / "s3"), "--train-base-decoder"])
+    stage3 = common + ["--out", str(tmp_path / "s3"), "--steps", "2", "--pixel-weight", "1", "--train-base-decoder"]
+    before = vq.load_base(tmp_path / "vq" / "export").state_dict()
+    distill.main(stage3)
+    after = AdaptiveTokenizer.from_pretrained(tmp_path / "s3" / "export").model.base.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith("decoder.") for key in changed)
+    args = distill.build_parser().parse_args(stage3)
+    _, parts, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [0])
+    assert "base_l1" in parts
 
     # resume reproduces an uninterrupted run; the export loads and encodes
     distill.main(common + ["--out", str(tmp_path / "a"), "--steps", "4", "--stop-after", "2"])

@@ -17,7 +17,9 @@ rollout, quantized latents) with ``base`` frozen:
 
 Optional stage 3 (``--pixel-weight > 0``): adds ``L1 + ssim_weight * (1 - MS-SSIM)`` of ``model.reconstruct``
 (the base decoder of the expected code) against the pixels, back-propagated into the ALIT decoder/encoder
-(the base stays frozen unless ``--train-base-decoder``).
+(the base stays frozen unless ``--train-base-decoder``, which also fine-tunes the base decoder, at
+``--base-decoder-lr-scale`` times the learning rate, on these reconstructions and, with the same pixel weight, on
+the base's own codes so that the base tokenizer's reconstruction stays a true ceiling).
 
 Output (``--out``): ``checkpoint.pt`` (resumable), ``export/`` (``AdaptiveTokenizer.save_pretrained``: fp32,
 loadable by ``AdaptiveTokenizer.from_pretrained``), ``export-fp16/`` (compact fp16 weights to ship/commit),
@@ -284,6 +286,12 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
             parts.setdefault("mse", 0.0)
             parts["mse"] += mse.item() / len(iterations)
     loss = total / weight_sum + args.quant_weight * q_loss
+    if args.train_base_decoder:  # the fine-tuned base decoder must still decode the base's own codes
+        with autocast(device, args.precision):
+            base_recon = model.base.decode_features(target_vectors)
+        base_pixel_loss, base_pix = reconstruction_loss(base_recon, pixels, args.ssim_weight)
+        loss = loss + args.pixel_weight * base_pixel_loss
+        parts["base_l1"] = base_pix["l1"]
     parts.update(loss=loss.item(), qloss=q_loss.item(),
                  codes=float(torch.unique(ids).numel()))
     return loss, parts, normalised
@@ -361,13 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart-every", type=int, default=50)
     parser.add_argument("--pixel-weight", type=float, default=0.0, help="stage 3: pixel loss weight (0: off)")
     parser.add_argument("--ssim-weight", type=float, default=0.2)
-    parser.add_argument("--train-base-decoder", action="store_true", help="stage 3: also fine-tune the base decoder")
+    parser.add_argument("--train-base-decoder", action="store_true",
+                        help="stage 3: also fine-tune the base decoder (needs --pixel-weight > 0)")
+    parser.add_argument("--base-decoder-lr-scale", type=float, default=0.5,
+                        help="--train-base-decoder: the base decoder's learning rate as a fraction of --lr")
     parser.set_defaults(batch_size=8, lr=4e-4, warmup=100, steps=20000, weight_decay=0.05, min_scale=0.7)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.train_base_decoder and args.pixel_weight <= 0:
+        parser.error("--train-base-decoder needs --pixel-weight > 0 (the base decoder learns from pixel losses only)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return train(args)
 
@@ -398,16 +412,18 @@ def train(args: argparse.Namespace) -> dict:
     model.base.eval()
     if args.train_base_decoder:
         model.base.decoder.requires_grad_(True)
-    # no weight decay on norms, biases, embeddings, codebook
-    decay, no_decay = [], []
+    # no weight decay on norms, biases, embeddings, codebook; the base decoder (stage 3) at its own lr scale
+    decay, no_decay, base_decoder = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim < 2 or name.endswith(("embedding", "codebook", "latent_tokens", "mask_token"))
-        (no_decay if exempt else decay).append(p)
-    params = decay + no_decay
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+        (base_decoder if name.startswith("base.decoder.") else no_decay if exempt else decay).append(p)
+    params = decay + no_decay + base_decoder
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if base_decoder:
+        groups.append({"params": base_decoder, "weight_decay": 0.0, "lr_scale": args.base_decoder_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
     scaler = make_scaler(device, args.precision)
     quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device,
                                  init_from_data=not args.init and not resuming and args.codebook_init == "data")
