@@ -164,7 +164,14 @@ def test_distill(image_folder, tmp_path):
     after = AdaptiveTokenizer.from_pretrained(tmp_path / "s3" / "export").model.base.state_dict()
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed and all(key.startswith("decoder.") for key in changed)
+    with pytest.raises(SystemExit, match="with --train-base-decoder"):  # resumed without the flag
+        distill.main(stage3[: stage3.index("--train-base-decoder")])
     args = distill.build_parser().parse_args(stage3)
+    assert args.iteration_weights == distill.ITERATION_WEIGHTS  # the authors' weights unless told otherwise
+    assert distill.build_parser().parse_args(stage3 + ["--iteration-weights", "1,2"]).iteration_weights == (1.0, 2.0)
+    for bad in ("1,x", "1,0"):
+        with pytest.raises(SystemExit):
+            distill.build_parser().parse_args(stage3 + ["--iteration-weights", bad])
     _, parts, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [0])
     assert "base_l1" in parts
 

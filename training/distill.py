@@ -13,7 +13,8 @@ rollout, quantized latents) with ``base`` frozen:
 - decoder: for a random subset of ``--iters-per-step`` iterations per step, logits over the base codebook from
   the first ``T * (t + 1)`` code vectors; loss ``w_t * (CE_smoothed(logits, base ids) + code_weight *
   MSE(softmax(logits) @ base codebook, base code vectors))`` with the authors' weights
-  ``[2.5, 2.0, 1.5, 1.25, 1, 1, 1, 1]``, normalised by the sum of the sampled weights.
+  ``[2.5, 2.0, 1.5, 1.25, 1, 1, 1, 1]`` (``--iteration-weights`` to change them), normalised by the sum of the
+  sampled weights.
 
 Optional stage 3 (``--pixel-weight > 0``): adds ``L1 + ssim_weight * (1 - MS-SSIM)`` of ``model.reconstruct``
 (the base decoder of the expected code) against the pixels, back-propagated into the ALIT decoder/encoder
@@ -275,7 +276,7 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
             pixel_loss, pix = reconstruction_loss(recon, pixels, args.ssim_weight)
             loss_t = loss_t + args.pixel_weight * pixel_loss
             parts[f"pl1_{t}"] = pix["l1"]
-        w = ITERATION_WEIGHTS[t] if t < len(ITERATION_WEIGHTS) else 1.0
+        w = args.iteration_weights[t] if t < len(args.iteration_weights) else 1.0
         total = total + w * loss_t
         weight_sum += w
         with torch.no_grad():
@@ -343,6 +344,17 @@ def export_model(model: ALITModel, out: Path) -> None:
             atomic_write_text(out / folder / "training_provenance.json", (out / "provenance.json").read_text())
 
 
+def iteration_weights(text: str) -> tuple[float, ...]:
+    """``"2.5,2,1.5"`` -> ``(2.5, 2.0, 1.5)``: positive per-iteration loss weights."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2.5,2,1.5, got {text!r}")
+    if not all(w > 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"iteration weights must be positive, got {text!r}")
+    return weights
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.distill", description=__doc__.split("\n\n")[0])
     add_common_args(parser)
@@ -361,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters-per-step", type=int, default=2, help="random iterations decoded per step")
     parser.add_argument("--quantize-after", type=int, default=0,
                         help="warm-up steps in which the decoder reads unquantized (normalised) vectors")
+    parser.add_argument("--iteration-weights", type=iteration_weights, default=ITERATION_WEIGHTS,
+                        help="comma-separated loss weight of each iteration (later ones: 1); default the authors' "
+                             + ",".join(f"{w:g}" for w in ITERATION_WEIGHTS))
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--code-weight", type=float, default=1.0, help="weight of the code regression MSE")
     parser.add_argument("--quant-weight", type=float, default=1.0)
@@ -371,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssim-weight", type=float, default=0.2)
     parser.add_argument("--train-base-decoder", action="store_true",
                         help="stage 3: also fine-tune the base decoder (needs --pixel-weight > 0)")
-    parser.add_argument("--base-decoder-lr-scale", type=float, default=0.5,
+    parser.add_argument("--base-decoder-lr-scale", type=float, default=0.2,
                         help="--train-base-decoder: the base decoder's learning rate as a fraction of --lr")
     parser.set_defaults(batch_size=8, lr=4e-4, warmup=100, steps=20000, weight_decay=0.05, min_scale=0.7)
     return parser
@@ -439,6 +454,9 @@ def train(args: argparse.Namespace) -> dict:
     ckpt_path = out / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if args.resume == "auto" else None
     if state is not None:
+        if state["args"].get("train_base_decoder", False) != args.train_base_decoder:
+            raise SystemExit(f"{ckpt_path} was trained {'with' if not args.train_base_decoder else 'without'} "
+                             "--train-base-decoder: resume it the same way, or start a new --out with --init")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         quantizer.load_state_dict(state["quantizer"])
