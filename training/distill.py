@@ -454,8 +454,9 @@ def train(args: argparse.Namespace) -> dict:
     ckpt_path = out / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if args.resume == "auto" else None
     if state is not None:
-        if state["args"].get("train_base_decoder", False) != args.train_base_decoder:
-            raise SystemExit(f"{ckpt_path} was trained {'with' if not args.train_base_decoder else 'without'} "
+        trained_with = state["args"].get("train_base_decoder", False)
+        if trained_with != args.train_base_decoder:
+            raise SystemExit(f"{ckpt_path} was trained {'with' if trained_with else 'without'} "
                              "--train-base-decoder: resume it the same way, or start a new --out with --init")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
