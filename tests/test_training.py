@@ -154,6 +154,14 @@ def test_distill(image_folder, tmp_path):
     assert torch.isfinite(loss) and "pl1_1" in parts and model.decoder.head[0].weight.grad is not None
     assert model.base.decoder.conv_in.weight.grad is None  # the base decoder stays frozen without the flag
 
+    # --ce-weight scales the cross-entropy term alone (default 1: the paper's loss)
+    assert args.ce_weight == 1.0
+    with torch.no_grad():
+        full, parts, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [0])
+        args.ce_weight = 0.25
+        scaled, _, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [0])
+    assert (full - scaled).item() == pytest.approx(0.75 * parts["ce"], rel=1e-4)
+
     # stage 3 with --train-base-decoder: the base decoder learns (also from the base's own codes), its encoder and
     # codebook stay as they are; the flag without a pixel loss is refused
     with pytest.raises(SystemExit):

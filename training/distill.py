@@ -11,7 +11,7 @@ rollout, quantized latents) with ``base`` frozen:
 - quantizer: l2-normalised codebook trained here with a straight-through estimator, commitment + codebook losses
   and dead-code restarts (the library's ``LatentQuantizer`` is inference-only);
 - decoder: for a random subset of ``--iters-per-step`` iterations per step, logits over the base codebook from
-  the first ``T * (t + 1)`` code vectors; loss ``w_t * (CE_smoothed(logits, base ids) + code_weight *
+  the first ``T * (t + 1)`` code vectors; loss ``w_t * (ce_weight * CE_smoothed(logits, base ids) + code_weight *
   MSE(softmax(logits) @ base codebook, base code vectors))`` with the authors' weights
   ``[2.5, 2.0, 1.5, 1.25, 1, 1, 1, 1]`` (``--iteration-weights`` to change them), normalised by the sum of the
   sampled weights.
@@ -269,7 +269,7 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
         ce = smoothed_cross_entropy(logits, target_ids, args.label_smoothing)
         expected = torch.softmax(logits, dim=-1) @ base_codebook
         mse = F.mse_loss(expected, target_vectors)
-        loss_t = ce + args.code_weight * mse
+        loss_t = args.ce_weight * ce + args.code_weight * mse
         if args.pixel_weight > 0:
             with autocast(device, args.precision):
                 recon = model.base.decode_features(expected)
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated loss weight of each iteration (later ones: 1); default the authors' "
                              + ",".join(f"{w:g}" for w in ITERATION_WEIGHTS))
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--ce-weight", type=float, default=1.0,
+                        help="weight of the cross-entropy on base codes (stage 3 may lower it to let pixels lead)")
     parser.add_argument("--code-weight", type=float, default=1.0, help="weight of the code regression MSE")
     parser.add_argument("--quant-weight", type=float, default=1.0)
     parser.add_argument("--commit-weight", type=float, default=0.25)
