@@ -166,6 +166,8 @@ def test_distill(image_folder, tmp_path):
     # codebook stay as they are; the flag without a pixel loss is refused
     with pytest.raises(SystemExit):
         distill.main(common + ["--out", str(tmp_path / "s3"), "--train-base-decoder"])
+    with pytest.raises(SystemExit):  # loss weights are >= 0
+        distill.main(common + ["--out", str(tmp_path / "s3"), "--ce-weight", "-0.5"])
     stage3 = common + ["--out", str(tmp_path / "s3"), "--steps", "2", "--pixel-weight", "1", "--train-base-decoder"]
     before = vq.load_base(tmp_path / "vq" / "export").state_dict()
     distill.main(stage3)

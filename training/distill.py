@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("ce_weight", "code_weight", "pixel_weight"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0 (a loss weight), got {getattr(args, flag)}")
     if args.train_base_decoder and args.pixel_weight <= 0:
         parser.error("--train-base-decoder needs --pixel-weight > 0 (the base decoder learns from pixel losses only)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
