@@ -355,6 +355,17 @@ def iteration_weights(text: str) -> tuple[float, ...]:
     return weights
 
 
+def loss_weight(text: str) -> float:
+    """A loss weight: a number >= 0."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not weight >= 0:
+        raise argparse.ArgumentTypeError(f"a loss weight must be >= 0, got {text!r}")
+    return weight
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.distill", description=__doc__.split("\n\n")[0])
     add_common_args(parser)
@@ -377,14 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated loss weight of each iteration (later ones: 1); default the authors' "
                              + ",".join(f"{w:g}" for w in ITERATION_WEIGHTS))
     parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--ce-weight", type=float, default=1.0,
+    parser.add_argument("--ce-weight", type=loss_weight, default=1.0,
                         help="weight of the cross-entropy on base codes (stage 3 may lower it to let pixels lead)")
-    parser.add_argument("--code-weight", type=float, default=1.0, help="weight of the code regression MSE")
+    parser.add_argument("--code-weight", type=loss_weight, default=1.0, help="weight of the code regression MSE")
     parser.add_argument("--quant-weight", type=float, default=1.0)
     parser.add_argument("--commit-weight", type=float, default=0.25)
     parser.add_argument("--dead-threshold", type=float, default=0.02)
     parser.add_argument("--restart-every", type=int, default=50)
-    parser.add_argument("--pixel-weight", type=float, default=0.0, help="stage 3: pixel loss weight (0: off)")
+    parser.add_argument("--pixel-weight", type=loss_weight, default=0.0, help="stage 3: pixel loss weight (0: off)")
     parser.add_argument("--ssim-weight", type=float, default=0.2)
     parser.add_argument("--train-base-decoder", action="store_true",
                         help="stage 3: also fine-tune the base decoder (needs --pixel-weight > 0)")
@@ -397,9 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("ce_weight", "code_weight", "pixel_weight"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0 (a loss weight), got {getattr(args, flag)}")
     if args.train_base_decoder and args.pixel_weight <= 0:
         parser.error("--train-base-decoder needs --pixel-weight > 0 (the base decoder learns from pixel losses only)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
