@@ -176,6 +176,11 @@ def test_distill(image_folder, tmp_path):
     assert changed and all(key.startswith("decoder.") for key in changed)
     with pytest.raises(SystemExit, match="with --train-base-decoder"):  # resumed without the flag
         distill.main(stage3[: stage3.index("--train-base-decoder")])
+    # a resumed run uses the group settings it is given now, not those stored with the optimizer state
+    distill.main(stage3[: stage3.index("--steps")] + ["--steps", "3"] + stage3[stage3.index("--steps") + 2 :]
+                 + ["--base-decoder-lr-scale", "0.7"])
+    resumed = torch.load(tmp_path / "s3" / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 3 and resumed["optimizer"]["param_groups"][-1]["lr_scale"] == 0.7
     args = distill.build_parser().parse_args(stage3)
     assert args.iteration_weights == distill.ITERATION_WEIGHTS  # the authors' weights unless told otherwise
     assert distill.build_parser().parse_args(stage3 + ["--iteration-weights", "1,2"]).iteration_weights == (1.0, 2.0)

@@ -121,6 +121,16 @@ def lr_at(step: int, progress: float, args: argparse.Namespace) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore a checkpoint's optimizer moments and step counts, keeping this invocation's group settings
+    (weight decay, ``lr_scale``): ``Optimizer.load_state_dict`` would otherwise bring back the flags the checkpoint
+    was trained with, so a resumed run would silently ignore e.g. a new ``--base-decoder-lr-scale``."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

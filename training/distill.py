@@ -48,8 +48,8 @@ from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files
 
 from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
-                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, make_scaler,
-                     optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
+                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, load_optimizer_state,
+                     make_scaler, optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
 from .losses import reconstruction_loss, smoothed_cross_entropy
 from .vq import load_base
@@ -472,7 +472,7 @@ def train(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{ckpt_path} was trained {'with' if trained_with else 'without'} "
                              "--train-base-decoder: resume it the same way, or start a new --out with --init")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         quantizer.load_state_dict(state["quantizer"])
         stream.load_state_dict(state["data"])
         iteration_gen.setstate(state["iteration_gen"])

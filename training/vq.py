@@ -37,8 +37,8 @@ from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
 
 from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
-                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, make_scaler,
-                     optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
+                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, load_optimizer_state,
+                     make_scaler, optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
 from .losses import reconstruction_loss
 
@@ -251,7 +251,7 @@ def train(args: argparse.Namespace) -> dict:
         progress_log.log(f"initialised from {args.init}")
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         ema.load_state_dict(state["ema"])
         stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
