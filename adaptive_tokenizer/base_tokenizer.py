@@ -14,18 +14,18 @@ from torch import Tensor, nn
 from .config import VQGANConfig
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv x2. When channels change, the shortcut is ``shortcut(h) + h`` (authors' variant)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.shortcut = (nn.Conv2d(out_channels, out_channels, 1, bias=False)
                          if in_channels != out_channels else None)
@@ -40,9 +40,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections (taming's AttnBlock)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = _group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -92,10 +92,10 @@ class _AvgPool(nn.Module):
 
 
 class _Middle(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.block_1 = ResBlock(channels, channels)
-        self.block_2 = ResBlock(channels, channels)
+        self.block_1 = ResBlock(channels, channels, groups)
+        self.block_2 = ResBlock(channels, channels, groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.block_1(x))
@@ -106,22 +106,22 @@ class VQGANEncoder(nn.Module):
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
-        ch, mults = config.ch, config.ch_mult
+        ch, mults, groups = config.ch, config.ch_mult, config.norm_groups
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1, bias=False)
         levels, resolution, channels = [], config.resolution, ch
         for level, mult in enumerate(mults):
             blocks, attn = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, ch * mult))
+                blocks.append(ResBlock(channels, ch * mult, groups))
                 channels = ch * mult
                 if resolution in config.attn_resolutions:
-                    attn.append(AttnBlock(channels))
+                    attn.append(AttnBlock(channels, groups))
             last = level == len(mults) - 1
             levels.append(_Level(blocks, attn, None if last else _AvgPool(), "downsample"))
             resolution = resolution if last else resolution // 2
         self.down = nn.ModuleList(levels)
-        self.mid = _Middle(channels)
-        self.norm_out = _group_norm(channels)
+        self.mid = _Middle(channels, groups)
+        self.norm_out = _group_norm(channels, groups)
         self.conv_out = nn.Conv2d(channels, config.z_channels, 1)
 
     def forward(self, pixels: Tensor) -> Tensor:
@@ -137,23 +137,23 @@ class VQGANDecoder(nn.Module):
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
-        ch, mults = config.ch, config.ch_mult
+        ch, mults, groups = config.ch, config.ch_mult, config.norm_groups
         channels = ch * mults[-1]
         resolution = config.grid_size
         self.conv_in = nn.Conv2d(config.z_channels, channels, 3, padding=1)
-        self.mid = _Middle(channels)
+        self.mid = _Middle(channels, groups)
         levels: list[nn.Module] = []
         for level in reversed(range(len(mults))):
             blocks, attn = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, ch * mults[level]))
+                blocks.append(ResBlock(channels, ch * mults[level], groups))
                 channels = ch * mults[level]
                 if resolution in config.attn_resolutions:
-                    attn.append(AttnBlock(channels))
+                    attn.append(AttnBlock(channels, groups))
             levels.insert(0, _Level(blocks, attn, _Upsample(channels) if level else None, "upsample"))
             resolution = resolution * 2 if level else resolution
         self.up = nn.ModuleList(levels)  # indexed by level, applied from the coarsest (last) to level 0
-        self.norm_out = _group_norm(channels)
+        self.norm_out = _group_norm(channels, groups)
         self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)
 
     def forward(self, codes: Tensor) -> Tensor:

@@ -25,7 +25,9 @@ class VQGANConfig:
     The encoder downsamples by ``2 ** (len(ch_mult) - 1)`` with average pooling; the decoder upsamples with
     nearest-neighbour interpolation plus a 3x3 conv. ``attn_resolutions`` lists the feature-map sizes that get a
     self-attention block after each residual block; the authors' checkpoints have none (their code ignores the yaml
-    value), so converted models use ``()``.
+    value), so converted models use ``()``. ``norm_groups``: groups of every GroupNorm (the authors' 32). With 32
+    channels per level that is one channel per group, which removes each channel's spatial mean at every norm and
+    leaves the network no direct path for an image's overall colour and brightness; a narrow model wants fewer.
     """
 
     in_channels: int = 3
@@ -38,6 +40,7 @@ class VQGANConfig:
     codebook_size: int = 1024
     codebook_dim: int = 256
     resolution: int = 256
+    norm_groups: int = 32
 
     @property
     def downsample_factor(self) -> int:
@@ -49,13 +52,13 @@ class VQGANConfig:
 
     def validate(self) -> None:
         _positive(self, "in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "codebook_size",
-                  "codebook_dim", "resolution")
+                  "codebook_dim", "resolution", "norm_groups")
         if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
             raise ValueError(f"VQGANConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
         for mult in self.ch_mult:
-            if (self.ch * mult) % 32:
-                raise ValueError(f"VQGANConfig: channel count ch*mult = {self.ch * mult} must be a multiple of 32 "
-                                 "(GroupNorm uses 32 groups)")
+            if (self.ch * mult) % self.norm_groups:
+                raise ValueError(f"VQGANConfig: channel count ch*mult = {self.ch * mult} must be a multiple of "
+                                 f"norm_groups ({self.norm_groups}): every GroupNorm splits the channels into them")
         if self.z_channels != self.codebook_dim:
             raise ValueError(f"VQGANConfig: z_channels ({self.z_channels}) must equal codebook_dim "
                              f"({self.codebook_dim}): the codebook quantizes the encoder output directly")

@@ -15,6 +15,25 @@ def test_json_round_trip(tmp_path):
     assert ModelConfig.from_json(tmp_path / "config.json") == config
 
 
+def test_norm_groups_round_trip_and_default_for_older_files(tmp_path):
+    import json
+
+    import torch
+
+    from adaptive_tokenizer.base_tokenizer import VQGAN
+
+    config = ModelConfig(base=VQGANConfig(ch=32, ch_mult=(1, 2), resolution=32, z_channels=32, codebook_dim=32,
+                                          codebook_size=16, norm_groups=8), image_size=32, patch_size=2)
+    config.to_json(tmp_path / "config.json")
+    assert ModelConfig.from_json(tmp_path / "config.json") == config
+    norms = [m for m in VQGAN(config.base).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {8}
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["base"]["norm_groups"]  # written before the field existed
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert ModelConfig.from_json(tmp_path / "old.json").base.norm_groups == 32
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().encoder_width = 3
@@ -52,7 +71,10 @@ def test_unknown_fields_are_rejected():
 
 
 def test_base_validation():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match=r"multiple of norm_groups \(32\)"):
         VQGANConfig(ch=48).validate()
+    VQGANConfig(ch=48, norm_groups=16, codebook_dim=256).validate()  # fewer groups: other widths
+    with pytest.raises(ValueError, match="norm_groups"):
+        VQGANConfig(norm_groups=0).validate()
     with pytest.raises(ValueError, match="codebook_dim"):
         VQGANConfig(codebook_dim=64).validate()

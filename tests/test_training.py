@@ -117,6 +117,16 @@ def test_vq_resume_and_export(image_folder, tmp_path):
     c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key], rtol=0, atol=0, msg=key)
+    # --norm-groups (the authors' 32 by default) is part of the exported architecture; a run is never continued
+    # with another value, from its checkpoint or from --init
+    assert base.config.norm_groups == 32
+    args = ["--data", str(image_folder), *VQ_ARGS, "--stop-after", "0"]
+    vq.main(args + ["--out", str(tmp_path / "g8"), "--norm-groups", "8"])
+    assert vq.load_base(tmp_path / "g8" / "export").config.norm_groups == 8
+    with pytest.raises(SystemExit, match="--norm-groups 8"):
+        vq.main(args + ["--out", str(tmp_path / "g8")])
+    with pytest.raises(SystemExit, match="same architecture"):
+        vq.main(args + ["--out", str(tmp_path / "d"), "--init", str(tmp_path / "g8" / "export")])
 
 
 def test_distill(image_folder, tmp_path):

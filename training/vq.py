@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ch", type=int, default=32)
     parser.add_argument("--ch-mult", default="1,1,2,4")
     parser.add_argument("--num-res-blocks", type=int, default=2)
+    parser.add_argument("--norm-groups", type=int, default=32,
+                        help="GroupNorm groups (32: the authors'; with --ch 32 that is one channel per group)")
     parser.add_argument("--codebook-dim", type=int, default=64)
     parser.add_argument("--codebook-size", type=int, default=1024)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - MS-SSIM)")
@@ -225,7 +227,8 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     config = VQGANConfig(ch=args.ch, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
                          num_res_blocks=args.num_res_blocks, z_channels=args.codebook_dim,
-                         codebook_size=args.codebook_size, codebook_dim=args.codebook_dim, resolution=args.resolution)
+                         codebook_size=args.codebook_size, codebook_dim=args.codebook_dim, resolution=args.resolution,
+                         norm_groups=args.norm_groups)
     model = VQGAN(config).to(device)
     model.codebook.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -243,13 +246,20 @@ def train(args: argparse.Namespace) -> dict:
     ckpt_path = out / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if args.resume == "auto" else None
     if state is None and args.init:
-        model.load_state_dict(load_base(args.init).state_dict())
+        init = load_base(args.init)
+        if init.config != config:
+            raise SystemExit(f"--init {args.init} has base config {init.config}, this run {config}: give the same "
+                             "architecture flags (--ch, --ch-mult, --num-res-blocks, --norm-groups, ...)")
+        model.load_state_dict(init.state_dict())
         with torch.no_grad():  # the EMA codebook continues from the stored codebook, every code "alive"
             ema.count.fill_(1.0)
             ema.total.copy_(model.codebook)
             ema.initialised = True
         progress_log.log(f"initialised from {args.init}")
     if state is not None:
+        trained_groups = state["args"].get("norm_groups", 32)  # checkpoints from before the flag: the authors' 32
+        if trained_groups != args.norm_groups:
+            raise SystemExit(f"{ckpt_path} was trained with --norm-groups {trained_groups}: resume it the same way")
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         ema.load_state_dict(state["ema"])
