@@ -1,10 +1,13 @@
 """Configs are frozen data: JSON round trip, validation with messages that name the field."""
 
 import dataclasses
+import json
 
 import pytest
+import torch
 
 from adaptive_tokenizer import ModelConfig, VQGANConfig
+from adaptive_tokenizer.base_tokenizer import VQGAN
 
 
 def test_json_round_trip(tmp_path):
@@ -16,12 +19,6 @@ def test_json_round_trip(tmp_path):
 
 
 def test_norm_groups_round_trip_and_default_for_older_files(tmp_path):
-    import json
-
-    import torch
-
-    from adaptive_tokenizer.base_tokenizer import VQGAN
-
     config = ModelConfig(base=VQGANConfig(ch=32, ch_mult=(1, 2), resolution=32, z_channels=32, codebook_dim=32,
                                           codebook_size=16, norm_groups=8), image_size=32, patch_size=2)
     config.to_json(tmp_path / "config.json")
