@@ -19,21 +19,28 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv x2. When channels change, the shortcut is ``shortcut(h) + h`` (authors' variant)."""
+    """GroupNorm-SiLU-Conv x2 plus a skip. When channels change, the skip is a 1x1 conv of the branch output
+    (``shortcut_from="branch"``, the authors': ``shortcut(h) + h``) or of the input (``"input"``: ``shortcut(x) + h``).
+    """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, shortcut_from: str = "branch"):
         super().__init__()
+        self.shortcut_from = shortcut_from
         self.norm1 = _group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = _group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.shortcut = (nn.Conv2d(out_channels, out_channels, 1, bias=False)
+        shortcut_in = in_channels if shortcut_from == "input" else out_channels
+        self.shortcut = (nn.Conv2d(shortcut_in, out_channels, 1, bias=False)
                          if in_channels != out_channels else None)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.shortcut is None else self.shortcut(h)
+        if self.shortcut is None:
+            skip = x
+        else:
+            skip = self.shortcut(x if self.shortcut_from == "input" else h)
         return skip + h
 
 
@@ -112,7 +119,7 @@ class VQGANEncoder(nn.Module):
         for level, mult in enumerate(mults):
             blocks, attn = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, ch * mult, groups))
+                blocks.append(ResBlock(channels, ch * mult, groups, config.shortcut))
                 channels = ch * mult
                 if resolution in config.attn_resolutions:
                     attn.append(AttnBlock(channels, groups))
@@ -146,7 +153,7 @@ class VQGANDecoder(nn.Module):
         for level in reversed(range(len(mults))):
             blocks, attn = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, ch * mults[level], groups))
+                blocks.append(ResBlock(channels, ch * mults[level], groups, config.shortcut))
                 channels = ch * mults[level]
                 if resolution in config.attn_resolutions:
                     attn.append(AttnBlock(channels, groups))

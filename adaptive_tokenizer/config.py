@@ -16,6 +16,7 @@ CONFIG_FORMAT_VERSION = 1
 
 LatentKind = Literal["quantized", "continuous"]
 RolloutKind = Literal["recurrent", "cached"]
+ShortcutKind = Literal["branch", "input"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class VQGANConfig:
     value), so converted models use ``()``. ``norm_groups``: groups of every GroupNorm (the authors' 32). With 32
     channels per level that is one channel per group, which removes each channel's spatial mean at every norm and
     leaves the network no direct path for an image's overall colour and brightness; a narrow model wants fewer.
+    ``shortcut``: what the 1x1 shortcut of a channel-changing residual block is applied to. ``"branch"`` (the
+    authors'): the residual branch's output, ``shortcut(h) + h``, so such a block does not carry its input forward;
+    ``"input"`` (taming's): ``shortcut(x) + h``.
     """
 
     in_channels: int = 3
@@ -41,6 +45,7 @@ class VQGANConfig:
     codebook_dim: int = 256
     resolution: int = 256
     norm_groups: int = 32
+    shortcut: ShortcutKind = "branch"
 
     @property
     def downsample_factor(self) -> int:
@@ -59,6 +64,8 @@ class VQGANConfig:
             if (self.ch * mult) % self.norm_groups:
                 raise ValueError(f"VQGANConfig: channel count ch*mult = {self.ch * mult} must be a multiple of "
                                  f"norm_groups ({self.norm_groups}): every GroupNorm splits the channels into them")
+        if self.shortcut not in ("branch", "input"):
+            raise ValueError(f"VQGANConfig.shortcut must be 'branch' (the authors') or 'input', got {self.shortcut!r}")
         if self.z_channels != self.codebook_dim:
             raise ValueError(f"VQGANConfig: z_channels ({self.z_channels}) must equal codebook_dim "
                              f"({self.codebook_dim}): the codebook quantizes the encoder output directly")

@@ -18,17 +18,27 @@ def test_json_round_trip(tmp_path):
     assert ModelConfig.from_json(tmp_path / "config.json") == config
 
 
-def test_norm_groups_round_trip_and_default_for_older_files(tmp_path):
+def test_base_architecture_options_round_trip_and_default_for_older_files(tmp_path):
     config = ModelConfig(base=VQGANConfig(ch=32, ch_mult=(1, 2), resolution=32, z_channels=32, codebook_dim=32,
-                                          codebook_size=16, norm_groups=8), image_size=32, patch_size=2)
+                                          codebook_size=16, norm_groups=8, shortcut="input"),
+                         image_size=32, patch_size=2)
     config.to_json(tmp_path / "config.json")
     assert ModelConfig.from_json(tmp_path / "config.json") == config
-    norms = [m for m in VQGAN(config.base).modules() if isinstance(m, torch.nn.GroupNorm)]
+    model = VQGAN(config.base)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and {m.num_groups for m in norms} == {8}
+    # shortcut="input": a channel-changing block adds a 1x1 conv of its input to the branch output
+    block = model.encoder.down[1].block[0]
+    x = torch.randn(2, 32, 8, 8)
+    branch = block.conv2(torch.nn.functional.silu(block.norm2(block.conv1(torch.nn.functional.silu(block.norm1(x))))))
+    torch.testing.assert_close(block(x), block.shortcut(x) + branch)
     data = json.loads((tmp_path / "config.json").read_text())
-    del data["base"]["norm_groups"]  # written before the field existed
+    del data["base"]["norm_groups"], data["base"]["shortcut"]  # written before the fields existed
     (tmp_path / "old.json").write_text(json.dumps(data))
-    assert ModelConfig.from_json(tmp_path / "old.json").base.norm_groups == 32
+    old = ModelConfig.from_json(tmp_path / "old.json").base
+    assert (old.norm_groups, old.shortcut) == (32, "branch")  # the authors'
+    block = VQGAN(old).encoder.down[1].block[0]  # shortcut="branch": the conv reads the branch output
+    assert block.shortcut.in_channels == block.shortcut.out_channels == 64
 
 
 def test_frozen():
@@ -73,5 +83,7 @@ def test_base_validation():
     VQGANConfig(ch=48, norm_groups=16, codebook_dim=256).validate()  # fewer groups: other widths
     with pytest.raises(ValueError, match="norm_groups"):
         VQGANConfig(norm_groups=0).validate()
+    with pytest.raises(ValueError, match="shortcut must be 'branch'"):
+        VQGANConfig(shortcut="output").validate()
     with pytest.raises(ValueError, match="codebook_dim"):
         VQGANConfig(codebook_dim=64).validate()

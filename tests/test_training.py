@@ -117,14 +117,17 @@ def test_vq_resume_and_export(image_folder, tmp_path):
     c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key], rtol=0, atol=0, msg=key)
-    # --norm-groups (the authors' 32 by default) is part of the exported architecture; a run is never continued
-    # with another value, from its checkpoint or from --init
-    assert base.config.norm_groups == 32
+    # --norm-groups and --shortcut (the authors' 32 and "branch" by default) are part of the exported
+    # architecture; a run is never continued with other values, from its checkpoint or from --init
+    assert (base.config.norm_groups, base.config.shortcut) == (32, "branch")
     args = ["--data", str(image_folder), *VQ_ARGS, "--stop-after", "0"]
-    vq.main(args + ["--out", str(tmp_path / "g8"), "--norm-groups", "8"])
-    assert vq.load_base(tmp_path / "g8" / "export").config.norm_groups == 8
+    vq.main(args + ["--out", str(tmp_path / "g8"), "--norm-groups", "8", "--shortcut", "input"])
+    exported = vq.load_base(tmp_path / "g8" / "export").config
+    assert (exported.norm_groups, exported.shortcut) == (8, "input")
     with pytest.raises(SystemExit, match="--norm-groups 8"):
-        vq.main(args + ["--out", str(tmp_path / "g8")])
+        vq.main(args + ["--out", str(tmp_path / "g8"), "--shortcut", "input"])
+    with pytest.raises(SystemExit, match="--shortcut input"):
+        vq.main(args + ["--out", str(tmp_path / "g8"), "--norm-groups", "8"])
     with pytest.raises(SystemExit, match="same architecture"):
         vq.main(args + ["--out", str(tmp_path / "d"), "--init", str(tmp_path / "g8" / "export")])
 
@@ -236,6 +239,23 @@ def test_distill(image_folder, tmp_path):
     assert record["sessions"][:-1] == history["sessions"] and len(record["sessions"]) == 3
     assert record["base"]["stage"] == "vq" and record["base"]["sessions"]
     assert record["totals"]["images_seen"] == history["totals"]["images_seen"]
+    # ... also onto a base of another architecture (here other GroupNorm groups and shortcut): a warm start
+    vq.main(["--data", str(image_folder), "--out", str(tmp_path / "vq8"), *VQ_ARGS, "--stop-after", "1",
+             "--norm-groups", "8", "--shortcut", "input"])
+    new_base = vq.load_base(tmp_path / "vq8" / "export")
+    other = common[:]
+    other[other.index("--base") + 1] = str(tmp_path / "vq8" / "export")
+    distill.main(other + ["--out", str(tmp_path / "d"), "--steps", "1", "--stop-after", "0",
+                          "--init", str(tmp_path / "a" / "export")])
+    d = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)
+    for key, value in d["model"].items():
+        expected = new_base.state_dict()[key[5:]] if key.startswith("base.") else a["model"][key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
+    wider = tmp_path / "wider.json"  # but never into another ALIT architecture
+    tiny_config(base.config).replace(encoder_width=32).to_json(wider)
+    other[other.index("--config") + 1] = str(wider)
+    with pytest.raises(SystemExit, match="its ALIT config differs"):
+        distill.main(other + ["--out", str(tmp_path / "e"), "--init", str(tmp_path / "a" / "export")])
 
 
 def test_init_schemes():

@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, help="stage-1 export folder (or an ALIT model folder: its base)")
     parser.add_argument("--init", default=None,
                         help="start from this exported ALIT model's encoder/decoder/quantizer weights when OUT has no "
-                             "checkpoint (the base is --base's, e.g. a base trained further since)")
+                             "checkpoint (the base is --base's: trained further since, or a new architecture)")
     parser.add_argument("--config", default=None, help="ModelConfig JSON overriding the default (its base is "
                                                         "replaced by the --base tokenizer's)")
     parser.add_argument("--init-scheme", choices=INIT_SCHEMES, default="small",
@@ -431,10 +431,14 @@ def train(args: argparse.Namespace) -> dict:
     resuming = (out / "checkpoint.pt").is_file()
     if args.init and not resuming:
         init_config, init_weights = load_model_files(args.init)
-        if init_config != config:
-            raise SystemExit(f"--init {args.init}: its config differs from the model being trained")
-        model.load_state_dict(init_weights, strict=True)
-        model.base.load_state_dict(base.state_dict())  # the frozen base is always --base's
+        if init_config.replace(base=config.base) != config:
+            raise SystemExit(f"--init {args.init}: its ALIT config differs from the model being trained")
+        # the encoder/decoder/quantizer from --init; the frozen base is always --base's, which may have another
+        # architecture (a warm start on a new base tokenizer)
+        loaded = model.load_state_dict({key: value for key, value in init_weights.items()
+                                        if not key.startswith("base.")}, strict=False)
+        if loaded.unexpected_keys or any(not key.startswith("base.") for key in loaded.missing_keys):
+            raise SystemExit(f"--init {args.init}: weights do not match its config ({loaded})")
     model.to(device)
     model.base.requires_grad_(False)
     model.base.eval()

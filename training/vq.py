@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-res-blocks", type=int, default=2)
     parser.add_argument("--norm-groups", type=int, default=32,
                         help="GroupNorm groups (32: the authors'; with --ch 32 that is one channel per group)")
+    parser.add_argument("--shortcut", choices=("branch", "input"), default="branch",
+                        help="1x1 shortcut of channel-changing residual blocks applied to the branch output "
+                             "(the authors') or to the block input")
     parser.add_argument("--codebook-dim", type=int, default=64)
     parser.add_argument("--codebook-size", type=int, default=1024)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - MS-SSIM)")
@@ -228,7 +231,7 @@ def train(args: argparse.Namespace) -> dict:
     config = VQGANConfig(ch=args.ch, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
                          num_res_blocks=args.num_res_blocks, z_channels=args.codebook_dim,
                          codebook_size=args.codebook_size, codebook_dim=args.codebook_dim, resolution=args.resolution,
-                         norm_groups=args.norm_groups)
+                         norm_groups=args.norm_groups, shortcut=args.shortcut)
     model = VQGAN(config).to(device)
     model.codebook.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
         init = load_base(args.init)
         if init.config != config:
             raise SystemExit(f"--init {args.init} has base config {init.config}, this run {config}: give the same "
-                             "architecture flags (--ch, --ch-mult, --num-res-blocks, --norm-groups, ...)")
+                             "architecture flags (--ch, --ch-mult, --num-res-blocks, --norm-groups, --shortcut, ...)")
         model.load_state_dict(init.state_dict())
         with torch.no_grad():  # the EMA codebook continues from the stored codebook, every code "alive"
             ema.count.fill_(1.0)
@@ -257,9 +260,13 @@ def train(args: argparse.Namespace) -> dict:
             ema.initialised = True
         progress_log.log(f"initialised from {args.init}")
     if state is not None:
-        trained_groups = state["args"].get("norm_groups", 32)  # checkpoints from before the flag: the authors' 32
-        if trained_groups != args.norm_groups:
-            raise SystemExit(f"{ckpt_path} was trained with --norm-groups {trained_groups}: resume it the same way")
+        # GroupNorm groups do not change tensor shapes, so a mismatch would load silently (a different shortcut
+        # would not load, but say so plainly); checkpoints from before these flags used the authors' values
+        for flag, default in (("norm_groups", 32), ("shortcut", "branch")):
+            trained = state["args"].get(flag, default)
+            if trained != getattr(args, flag):
+                raise SystemExit(f"{ckpt_path} was trained with --{flag.replace('_', '-')} {trained}: "
+                                 "resume it the same way")
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         ema.load_state_dict(state["ema"])
