@@ -2,7 +2,8 @@
 
 Layout and quirks follow the VQGAN the ALIT authors fine-tune (so their checkpoints load by renaming only):
 no quant_conv / post_quant_conv, bias-free residual convolutions, a 1x1 shortcut applied to the residual
-branch's output when the channel count changes, average-pool downsampling, nearest + conv upsampling.
+branch's output when the channel count changes (``VQGANConfig.shortcut``), average-pool downsampling, nearest + conv
+upsampling.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import VQGANConfig
+from .config import ShortcutKind, VQGANConfig
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -23,7 +24,7 @@ class ResBlock(nn.Module):
     (``shortcut_from="branch"``, the authors': ``shortcut(h) + h``) or of the input (``"input"``: ``shortcut(x) + h``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, shortcut_from: str = "branch"):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, shortcut_from: ShortcutKind = "branch"):
         super().__init__()
         self.shortcut_from = shortcut_from
         self.norm1 = _group_norm(in_channels, groups)
