@@ -14,7 +14,9 @@ What is measured (every image preprocessed as the model sees it: resized, centre
   ``<=`` the threshold, else the budget with the lowest error (first on ties): exactly the rule of
   ``encode(halt_threshold=...)`` (the tests check they agree). Reported: mean tokens, mean L1 of the chosen
   (clamped) reconstruction, a histogram of lengths. The threshold whose mean length is closest to
-  ``target_tokens`` (128) is compared with a fixed budget of 128 for every image.
+  ``target_tokens`` (128) is compared with a fixed budget of 128 for every image and with the **best allocation**
+  (:func:`best_allocation`): the lengths, at most ``target_tokens`` on average, that minimise the mean L1 knowing
+  every image's errors, the bound on what any halting rule could reach on these images.
 * **Complexity**: JPEG bytes per pixel of the model-resolution input (PIL, quality 90, default 4:2:0 chroma
   subsampling, in memory); Spearman correlations of complexity with the chosen length (at the ~128 threshold) and
   with the L1 error at each fixed budget.
@@ -170,6 +172,37 @@ def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> T
     first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
     fallback = _first_argmin(errors)[None].expand_as(first)
     return torch.where(meets.any(dim=2), first, fallback)
+
+
+def best_allocation(errors: Tensor, units_per_image: float) -> Tensor:
+    """The per-image lengths that minimise the summed error for a mean length of at most ``units_per_image``
+    iterations, knowing every image's error at every length: ``errors [N, I]`` -> iteration indices ``[N]``
+    (0-based; index ``k`` costs ``k + 1`` iterations).
+
+    Exact (a multiple-choice knapsack solved by dynamic programming over the images, ``O(N^2 I^2)`` work). No
+    length rule can beat it on these errors, so it bounds what any halting criterion could gain over a fixed
+    budget (which is one of the allocations it considers when ``units_per_image`` is a whole number).
+    """
+    num_images, iterations = errors.shape
+    capacity = int(math.floor(units_per_image * num_images + 1e-9))
+    if capacity < num_images:
+        raise ValueError(f"units_per_image must be at least 1 (every image takes one iteration), got {units_per_image}")
+    values = errors.double().numpy()
+    best = np.zeros(capacity + 1)  # best[u]: least summed error of the images so far using at most u iterations
+    choices = np.zeros((num_images, capacity + 1), dtype=np.int16)
+    for image in range(num_images):
+        options = np.full((iterations, capacity + 1), np.inf)
+        for index in range(iterations):
+            cost = index + 1
+            options[index, cost:] = best[: capacity + 1 - cost] + values[image, index]
+        choices[image] = options.argmin(axis=0)  # the shortest length on ties
+        best = options.min(axis=0)
+    chosen = np.zeros(num_images, dtype=np.int64)
+    units = capacity
+    for image in reversed(range(num_images)):
+        chosen[image] = choices[image, units]
+        units -= int(chosen[image]) + 1
+    return torch.from_numpy(chosen)
 
 
 def _first_argmin(errors: Tensor) -> Tensor:
@@ -499,6 +532,11 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                   "adaptive_mean_tokens": target_level["mean_tokens"], "adaptive_mean_l1": target_level["mean_l1"],
                   "fixed_budget": budgets[fixed_index], "fixed_mean_l1": fixed[fixed_index]["l1"],
                   "l1_difference": target_level["mean_l1"] - fixed[fixed_index]["l1"]}
+    best = best_allocation(l1, target_tokens / tok.tokens_per_iteration)  # the bound on any length rule
+    best_lengths = budget_tensor[best].numpy()
+    comparison["best_allocation"] = {"mean_tokens": float(best_lengths.mean()), "mean_l1": float(l1[rows, best].mean()),
+                                     "spearman_length_vs_complexity": spearman(best_lengths, complexity),
+                                     "histogram": torch.bincount(best, minlength=iterations).tolist()}
 
     target_lengths = budget_tensor[chosen[target_index]].numpy()
     complexity_stats = {
@@ -624,6 +662,10 @@ def format_table(report: dict) -> str:
     lines.append(f"adaptive t={fmt_threshold(comp['threshold'])}: L1 {comp['adaptive_mean_l1']:.4f} at "
                  f"{comp['adaptive_mean_tokens']:.1f} tokens on average; fixed {comp['fixed_budget']}: "
                  f"L1 {comp['fixed_mean_l1']:.4f}")
+    best = comp["best_allocation"]
+    lines.append(f"best allocation knowing every image's errors (no rule can do better): L1 {best['mean_l1']:.4f} at "
+                 f"{best['mean_tokens']:.1f} tokens on average, Spearman(length, complexity) "
+                 f"{_fmt(best['spearman_length_vs_complexity'])}")
     cx = report["complexity"]
     lines.append(f"Spearman vs JPEG complexity: chosen length {_fmt(cx['spearman_length_vs_complexity'])}, "
                  f"L1 at {cx['fixed_budget']} tokens {_fmt(cx['spearman_l1_at_fixed_budget_vs_complexity'])}")

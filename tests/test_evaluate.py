@@ -146,6 +146,23 @@ def test_auto_thresholds_span_and_target():
     assert all(len(repr(t)) <= 8 for t in thresholds)
 
 
+def test_best_allocation_is_exact():
+    """Against brute force over every allocation: the least summed error with at most the given mean length."""
+    import itertools
+    generator = torch.Generator().manual_seed(3)
+    errors = torch.rand(5, 4, generator=generator) + torch.linspace(0.6, 0, 4)  # [5 images, 4 lengths]
+    for units_per_image in (1, 1.4, 2, 2.5, 4):
+        chosen = ev.best_allocation(errors, units_per_image)
+        assert (chosen + 1).sum() <= units_per_image * 5
+        best = min(sum(errors[i, k].item() for i, k in enumerate(ks))
+                   for ks in itertools.product(range(4), repeat=5) if sum(ks) + 5 <= units_per_image * 5)
+        assert errors[torch.arange(5), chosen].sum().item() == pytest.approx(best)
+    # a fixed length is one of the allocations considered: never worse than it
+    assert errors[torch.arange(5), ev.best_allocation(errors, 2)].mean() <= errors[:, 1].mean()
+    with pytest.raises(ValueError, match="at least 1"):
+        ev.best_allocation(errors, 0.5)
+
+
 def test_parse_thresholds():
     assert ev.parse_thresholds("0.1,0.05,0.1") == [0.05, 0.1]
     for bad in ("", "a", "0.1,-1", "nan", "0.1,,0.2"):
@@ -242,6 +259,10 @@ def test_adaptive_levels(evaluation):
     assert comparison["threshold"] == thresholds[target] and comparison["fixed_budget"] == 96
     assert comparison["fixed_mean_l1"] == report["fixed"][-1]["l1"]
     assert comparison["adaptive_mean_l1"] == levels[target]["mean_l1"]
+    # the bound on any length rule: at most 128 tokens on average, never worse than the fixed budget
+    best = comparison["best_allocation"]
+    assert best["mean_tokens"] <= 128 and best["mean_l1"] <= comparison["fixed_mean_l1"] + 1e-12
+    assert sum(best["histogram"]) == 4 and len(best["histogram"]) == len(budgets)
 
 
 def test_adaptive_choices_equal_encode(evaluation, tok_a, image_folder):
