@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(load_manifest().default is None,
 
 # Mean L1 over the 11 evaluation photos at 32 and 256 tokens, as measured when the model was shipped (README table),
 # with a margin for other CPUs' kernels.
-MEASURED_L1_32, MEASURED_L1_256 = 0.0952, 0.0646
+MEASURED_L1_32, MEASURED_L1_256 = 0.0826, 0.0524
 
 
 @pytest.fixture(scope="module")

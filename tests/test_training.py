@@ -117,19 +117,19 @@ def test_vq_resume_and_export(image_folder, tmp_path):
     c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key], rtol=0, atol=0, msg=key)
-    # --norm-groups and --shortcut (the authors' 32 and "branch" by default) are part of the exported
+    # --norm-groups and --shortcut (the default model's 8 and "input" by default) are part of the exported
     # architecture; a run is never continued with other values, from its checkpoint or from --init
-    assert (base.config.norm_groups, base.config.shortcut) == (32, "branch")
+    assert (base.config.norm_groups, base.config.shortcut) == (8, "input")
     args = ["--data", str(image_folder), *VQ_ARGS, "--stop-after", "0"]
-    vq.main(args + ["--out", str(tmp_path / "g8"), "--norm-groups", "8", "--shortcut", "input"])
-    exported = vq.load_base(tmp_path / "g8" / "export").config
-    assert (exported.norm_groups, exported.shortcut) == (8, "input")
-    with pytest.raises(SystemExit, match="--norm-groups 8"):
-        vq.main(args + ["--out", str(tmp_path / "g8"), "--shortcut", "input"])
-    with pytest.raises(SystemExit, match="--shortcut input"):
-        vq.main(args + ["--out", str(tmp_path / "g8"), "--norm-groups", "8"])
+    vq.main(args + ["--out", str(tmp_path / "g32"), "--norm-groups", "32", "--shortcut", "branch"])  # the authors'
+    exported = vq.load_base(tmp_path / "g32" / "export").config
+    assert (exported.norm_groups, exported.shortcut) == (32, "branch")
+    with pytest.raises(SystemExit, match="--norm-groups 32"):
+        vq.main(args + ["--out", str(tmp_path / "g32"), "--shortcut", "branch"])
+    with pytest.raises(SystemExit, match="--shortcut branch"):
+        vq.main(args + ["--out", str(tmp_path / "g32"), "--norm-groups", "32"])
     with pytest.raises(SystemExit, match="same architecture"):
-        vq.main(args + ["--out", str(tmp_path / "d"), "--init", str(tmp_path / "g8" / "export")])
+        vq.main(args + ["--out", str(tmp_path / "d"), "--init", str(tmp_path / "g32" / "export")])
 
 
 def test_distill(image_folder, tmp_path):
@@ -240,11 +240,11 @@ def test_distill(image_folder, tmp_path):
     assert record["base"]["stage"] == "vq" and record["base"]["sessions"]
     assert record["totals"]["images_seen"] == history["totals"]["images_seen"]
     # ... also onto a base of another architecture (here other GroupNorm groups and shortcut): a warm start
-    vq.main(["--data", str(image_folder), "--out", str(tmp_path / "vq8"), *VQ_ARGS, "--stop-after", "1",
-             "--norm-groups", "8", "--shortcut", "input"])
-    new_base = vq.load_base(tmp_path / "vq8" / "export")
+    vq.main(["--data", str(image_folder), "--out", str(tmp_path / "vq32"), *VQ_ARGS, "--stop-after", "1",
+             "--norm-groups", "32", "--shortcut", "branch"])
+    new_base = vq.load_base(tmp_path / "vq32" / "export")
     other = common[:]
-    other[other.index("--base") + 1] = str(tmp_path / "vq8" / "export")
+    other[other.index("--base") + 1] = str(tmp_path / "vq32" / "export")
     distill.main(other + ["--out", str(tmp_path / "d"), "--steps", "1", "--stop-after", "0",
                           "--init", str(tmp_path / "a" / "export")])
     d = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)

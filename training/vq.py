@@ -198,11 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ch", type=int, default=32)
     parser.add_argument("--ch-mult", default="1,1,2,4")
     parser.add_argument("--num-res-blocks", type=int, default=2)
-    parser.add_argument("--norm-groups", type=int, default=32,
-                        help="GroupNorm groups (32: the authors'; with --ch 32 that is one channel per group)")
-    parser.add_argument("--shortcut", choices=("branch", "input"), default="branch",
-                        help="1x1 shortcut of channel-changing residual blocks applied to the branch output "
-                             "(the authors') or to the block input")
+    parser.add_argument("--norm-groups", type=int, default=DEFAULT_BASE.norm_groups,
+                        help="GroupNorm groups (default: the default model's; the authors' 32 makes one channel "
+                             "per group at --ch 32)")
+    parser.add_argument("--shortcut", choices=("branch", "input"), default=DEFAULT_BASE.shortcut,
+                        help="1x1 shortcut of channel-changing residual blocks applied to the block input (default: "
+                             "the default model's) or to the branch output (the authors')")
     parser.add_argument("--codebook-dim", type=int, default=64)
     parser.add_argument("--codebook-size", type=int, default=1024)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - MS-SSIM)")
