@@ -192,7 +192,7 @@ def best_allocation(errors: Tensor, units_per_image: float) -> Tensor:
     choices = np.zeros((num_images, capacity + 1), dtype=np.int16)
     for image in range(num_images):
         options = np.full((iterations, capacity + 1), np.inf)
-        for index in range(iterations):
+        for index in range(min(iterations, capacity)):  # lengths longer than the whole budget never fit
             cost = index + 1
             options[index, cost:] = best[: capacity + 1 - cost] + values[image, index]
         choices[image] = options.argmin(axis=0)  # the shortest length on ties

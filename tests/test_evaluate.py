@@ -159,6 +159,8 @@ def test_best_allocation_is_exact():
         assert errors[torch.arange(5), chosen].sum().item() == pytest.approx(best)
     # a fixed length is one of the allocations considered: never worse than it
     assert errors[torch.arange(5), ev.best_allocation(errors, 2)].mean() <= errors[:, 1].mean()
+    # more lengths than the whole budget allows: the longest never fit
+    assert ev.best_allocation(errors[:1], 2).item() == int(errors[0, :2].argmin())
     with pytest.raises(ValueError, match="at least 1"):
         ev.best_allocation(errors, 0.5)
 

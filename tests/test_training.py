@@ -355,3 +355,28 @@ def test_codebook_initialised_from_the_first_batch():
     assert similarity.max(1).values.min() > 0.99  # every code sits on one of the batch's vectors
     assert not quantizer.needs_init and not quantizer.state_dict()["needs_init"]
     assert ids.unique().numel() > config.codebook_size // 2
+
+
+def test_stopping_rules(converted_dirs, images_u8, tmp_path, capsys):
+    """``python -m training.stopping_rules``: each rule's threshold is the one whose mean length is closest to the
+    target; the constrained search keeps the mean length and reaches the Spearman it is asked for."""
+    from training import stopping_rules
+    quantity = np.array([[0.5, 0.3, 0.2, 0.1], [0.4, 0.35, 0.3, 0.25], [0.9, 0.8, 0.7, 0.6]])
+    assert stopping_rules.rule_lengths(quantity, 1).tolist() == [0, 0, 0]
+    # threshold 0.5: images 0 and 1 meet it at once, image 2 never does and takes its lowest (the last): mean 2
+    assert stopping_rules.rule_lengths(quantity, 2).tolist() == [0, 0, 3]
+    assert stopping_rules.rule_lengths(quantity, 3).tolist() == [1, 2, 3]  # threshold 0.3: mean exactly 3
+    generator = np.random.default_rng(0)
+    l1 = np.sort(generator.random((8, 4)), axis=1)[:, ::-1] + np.arange(8)[:, None] * 0.1
+    complexity = np.arange(8.0)
+    chosen = stopping_rules.constrained_search(l1, complexity, 2, restarts=2, moves=3000)
+    assert (chosen + 1).mean() == 2 and stopping_rules.spearman(chosen, complexity) >= 0.6
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, image in enumerate(images_u8):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index}.png")
+    tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
+    stopping_rules.main([str(folder), "--model", str(converted_dirs["A"]),
+                         "--target-tokens", str(2 * tok.tokens_per_iteration)])
+    out = capsys.readouterr().out
+    assert "3 images" in out and all(f"| {rule} |" in out for rule in ("l1_input", "l1_base", "entropy", "best"))

@@ -1,0 +1,128 @@
+"""Compare per-image stopping rules offline, on one rollout per image: which length each rule picks at the threshold
+whose mean length is closest to ``--target-tokens`` (128), the mean L1 it reaches against a fixed budget for all,
+and how well its lengths follow image complexity (Spearman against JPEG bytes per pixel, as ``evaluate``).
+
+    python -m training.stopping_rules evaluation/photos [--model FOLDER]
+
+Rules (each image takes the first length whose quantity is ``<=`` the threshold, else its lowest):
+
+* ``l1_input``: L1 of the reconstruction against the input: the authors' rule, ``encode(halt_threshold=...)``;
+* ``l1_base``: L1 against the base tokenizer's own reconstruction (the distillation target);
+* ``entropy``: mean entropy (nats) of the decoder's distribution over the base codes.
+
+Bounds, knowing every image's L1 at every length: ``best`` (:func:`adaptive_tokenizer.evaluate.best_allocation`)
+and ``best_rho>=0.6``, a seeded random search (simulated annealing, mean length fixed at the target) for the
+lowest mean L1 whose lengths keep Spearman >= 0.6; a search, so an upper bound on that optimum.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from adaptive_tokenizer import AdaptiveTokenizer
+from adaptive_tokenizer.evaluate import (base_reconstruction, best_allocation, jpeg_complexity, l1_error, spearman,
+                                         TARGET_TOKENS)
+from adaptive_tokenizer.image_io import list_image_files, load_images
+from adaptive_tokenizer.rollout import IterationRecord, rollout
+
+
+def per_image_curves(tok: AdaptiveTokenizer, inputs: torch.Tensor) -> dict[str, np.ndarray]:
+    """``[N, I]`` arrays: clamped L1 against the input and against the base reconstruction, decoder entropy."""
+    base = base_reconstruction(tok, inputs)
+    records: list[IterationRecord] = []
+    with torch.inference_mode():
+        rollout(tok.model, inputs.to(device=tok.device, dtype=tok.dtype), tok.config.max_iterations,
+                trace=records.append)
+    curves = {"l1_input": [], "l1_base": [], "entropy": []}
+    for record in records:
+        reconstruction = record.reconstruction.float().clamp(0, 1).cpu()
+        curves["l1_input"].append(l1_error(reconstruction, inputs))
+        curves["l1_base"].append(l1_error(reconstruction, base))
+        probs = record.logits.float().softmax(-1)
+        curves["entropy"].append(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(1).cpu())
+    return {name: torch.stack(values, 1).double().numpy() for name, values in curves.items()}
+
+
+def rule_lengths(quantity: np.ndarray, target_units: float) -> np.ndarray:
+    """Iteration indices ``[N]`` of the threshold whose mean length (in iterations) is closest to the target."""
+    best, best_gap = None, float("inf")
+    for threshold in np.unique(quantity):
+        meets = quantity <= threshold
+        chosen = np.where(meets.any(1), meets.argmax(1), quantity.argmin(1))
+        gap = abs((chosen + 1).mean() - target_units)
+        if gap < best_gap - 1e-9:
+            best, best_gap = chosen, gap
+    return best
+
+
+def constrained_search(l1: np.ndarray, complexity: np.ndarray, target_units: int, min_rho: float = 0.6,
+                       seed: int = 0, restarts: int = 20, moves: int = 20000) -> np.ndarray:
+    """Simulated annealing over allocations with mean length ``target_units`` iterations: the lowest mean L1 whose
+    lengths have Spearman >= ``min_rho`` with complexity (penalised below it)."""
+    rng = np.random.default_rng(seed)
+    num_images, iterations = l1.shape
+    rows = np.arange(num_images)
+
+    def score(chosen: np.ndarray) -> float:
+        rho = spearman(chosen, complexity)
+        rho = -1.0 if rho != rho else rho  # constant lengths: no correlation
+        return l1[rows, chosen].mean() + 10 * max(0.0, min_rho - rho)
+
+    best, best_score = None, float("inf")
+    for _ in range(restarts):
+        chosen = np.full(num_images, target_units - 1)
+        current, temperature = score(chosen), 0.01
+        for _ in range(moves):
+            up, down = rng.integers(num_images, size=2)
+            step = int(rng.integers(1, 3))
+            proposal = chosen.copy()
+            proposal[up] += step
+            proposal[down] -= step
+            temperature *= 0.9995
+            if proposal.min() < 0 or proposal.max() >= iterations:
+                continue
+            candidate = score(proposal)
+            if candidate < current or rng.random() < np.exp((current - candidate) / temperature):
+                chosen, current = proposal, candidate
+                if current < best_score:
+                    best, best_score = chosen.copy(), current
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.stopping_rules", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder")
+    parser.add_argument("--model", default=None, help="model folder or name (default: the embedded default model)")
+    parser.add_argument("--target-tokens", type=int, default=TARGET_TOKENS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    tok = AdaptiveTokenizer.from_pretrained(args.model)
+    paths = list_image_files(args.folder)
+    inputs = load_images([str(p) for p in paths], tok.config.image_size)
+    curves = per_image_curves(tok, inputs)
+    complexity = np.array([jpeg_complexity(image) for image in inputs])
+    l1 = curves["l1_input"]
+    target_units = args.target_tokens / tok.tokens_per_iteration
+    rows = np.arange(len(paths))
+    choices = {name: rule_lengths(quantity, target_units) for name, quantity in curves.items()}
+    choices["best"] = best_allocation(torch.from_numpy(l1), target_units).numpy()
+    if float(target_units).is_integer():
+        choices["best_rho>=0.6"] = constrained_search(l1, complexity, int(target_units), seed=args.seed)
+    fixed_index = int(round(target_units)) - 1
+    print(f"{len(paths)} images from {args.folder}; fixed {tok.tokens_per_iteration * (fixed_index + 1)} tokens: "
+          f"L1 {l1[:, fixed_index].mean():.4f}")
+    print("| rule | mean tokens | mean L1 | Spearman(length, complexity) | images per length |")
+    print("|---|---|---|---|---|")
+    for name, chosen in choices.items():
+        lengths = tok.tokens_per_iteration * (chosen + 1)
+        histogram = "/".join(str(c) for c in np.bincount(chosen, minlength=l1.shape[1]))
+        print(f"| {name} | {lengths.mean():.1f} | {l1[rows, chosen].mean():.4f} | "
+              f"{spearman(lengths, complexity):+.2f} | {histogram} |")
+
+
+if __name__ == "__main__":
+    main()
