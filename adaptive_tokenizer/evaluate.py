@@ -186,7 +186,8 @@ def best_allocation(errors: Tensor, units_per_image: float) -> Tensor:
     num_images, iterations = errors.shape
     capacity = int(math.floor(units_per_image * num_images + 1e-9))
     if capacity < num_images:
-        raise ValueError(f"units_per_image must be at least 1 (every image takes one iteration), got {units_per_image}")
+        raise ValueError(f"units_per_image must be at least 1 (every image takes one iteration), "
+                         f"got {units_per_image}")
     values = errors.double().numpy()
     best = np.zeros(capacity + 1)  # best[u]: least summed error of the images so far using at most u iterations
     choices = np.zeros((num_images, capacity + 1), dtype=np.int16)
@@ -534,7 +535,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                   "l1_difference": target_level["mean_l1"] - fixed[fixed_index]["l1"]}
     best = best_allocation(l1, target_tokens / tok.tokens_per_iteration)  # the bound on any length rule
     best_lengths = budget_tensor[best].numpy()
-    comparison["best_allocation"] = {"mean_tokens": float(best_lengths.mean()), "mean_l1": float(l1[rows, best].mean()),
+    comparison["best_allocation"] = {"mean_tokens": float(best_lengths.mean()),
+                                     "mean_l1": float(l1[rows, best].mean()),
                                      "spearman_length_vs_complexity": spearman(best_lengths, complexity),
                                      "histogram": torch.bincount(best, minlength=iterations).tolist()}
 

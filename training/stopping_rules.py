@@ -6,7 +6,8 @@ and how well its lengths follow image complexity (Spearman against JPEG bytes pe
 
 Rules (each image takes the first length whose quantity is ``<=`` the threshold, else its lowest):
 
-* ``l1_input``: L1 of the reconstruction against the input: the authors' rule, ``encode(halt_threshold=...)``;
+* ``l1_input``: L1 of the (unclamped) reconstruction against the input: the authors' rule, exactly what
+  ``encode(halt_threshold=...)`` compares;
 * ``l1_base``: L1 against the base tokenizer's own reconstruction (the distillation target);
 * ``entropy``: mean entropy (nats) of the decoder's distribution over the base codes.
 
@@ -30,16 +31,17 @@ from adaptive_tokenizer.rollout import IterationRecord, rollout
 
 
 def per_image_curves(tok: AdaptiveTokenizer, inputs: torch.Tensor) -> dict[str, np.ndarray]:
-    """``[N, I]`` arrays: clamped L1 against the input and against the base reconstruction, decoder entropy."""
+    """``[N, I]`` arrays: ``l1`` (clamped reconstruction against the input, the score) and the rules' quantities."""
     base = base_reconstruction(tok, inputs)
     records: list[IterationRecord] = []
     with torch.inference_mode():
         rollout(tok.model, inputs.to(device=tok.device, dtype=tok.dtype), tok.config.max_iterations,
                 trace=records.append)
-    curves = {"l1_input": [], "l1_base": [], "entropy": []}
+    curves = {"l1": [], "l1_input": [], "l1_base": [], "entropy": []}
     for record in records:
         reconstruction = record.reconstruction.float().clamp(0, 1).cpu()
-        curves["l1_input"].append(l1_error(reconstruction, inputs))
+        curves["l1"].append(l1_error(reconstruction, inputs))
+        curves["l1_input"].append(record.error.float().cpu())
         curves["l1_base"].append(l1_error(reconstruction, base))
         probs = record.logits.float().softmax(-1)
         curves["entropy"].append(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(1).cpu())
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = load_images([str(p) for p in paths], tok.config.image_size)
     curves = per_image_curves(tok, inputs)
     complexity = np.array([jpeg_complexity(image) for image in inputs])
-    l1 = curves["l1_input"]
+    l1 = curves.pop("l1")
     target_units = args.target_tokens / tok.tokens_per_iteration
     rows = np.arange(len(paths))
     choices = {name: rule_lengths(quantity, target_units) for name, quantity in curves.items()}
