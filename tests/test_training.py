@@ -3,6 +3,7 @@ batch, exact resume, exports that the library loads and encodes with."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 
@@ -355,6 +356,23 @@ def test_codebook_initialised_from_the_first_batch():
     assert similarity.max(1).values.min() > 0.99  # every code sits on one of the batch's vectors
     assert not quantizer.needs_init and not quantizer.state_dict()["needs_init"]
     assert ids.unique().numel() > config.codebook_size // 2
+
+
+def test_provenance_totals_across_run_folders(tmp_path):
+    """Steps, hours and images add up over every session, also when a fresh run folder continues exported weights
+    (its steps count from 0 again)."""
+    from training.common import Provenance
+    exported = tmp_path / "export"
+    exported.mkdir()
+    earlier = [{"start_step": 0, "end_step": 5, "wall_seconds": 10.0, "images_seen": 40},
+               {"start_step": 5, "end_step": 8, "wall_seconds": 6.0, "images_seen": 24}]
+    (exported / "training_provenance.json").write_text(json.dumps({"stage": "distill", "sessions": earlier}))
+    args = argparse.Namespace(seed=0, argv=["--init", str(exported)])
+    record = Provenance(tmp_path / "run", "distill", args, {"num_files": 1}, inherit=exported)
+    (tmp_path / "run").mkdir()
+    record.update(start_step=0, end_step=4, wall_seconds=2.0, images_seen=32)
+    totals = json.loads((tmp_path / "run" / "provenance.json").read_text())["totals"]
+    assert totals == {"steps": 12, "wall_seconds": 18.0, "images_seen": 96}
 
 
 def test_stopping_rules(converted_dirs, images_u8, tmp_path, capsys):

@@ -279,7 +279,8 @@ class Provenance:
 
     def update(self, **fields: Any) -> None:
         self.session.update(fields)
-        totals = {"steps": max((s.get("end_step", 0) for s in self.record["sessions"]), default=0),
+        # a fresh run folder started from exported weights counts its steps from 0 again: sum each session's own
+        totals = {"steps": sum(s.get("end_step", 0) - s.get("start_step", 0) for s in self.record["sessions"]),
                   "wall_seconds": round(sum(s.get("wall_seconds", 0) for s in self.record["sessions"]), 1),
                   "images_seen": sum(s.get("images_seen", 0) for s in self.record["sessions"])}
         self.record["totals"] = totals
