@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from adaptive_tokenizer import AdaptiveTokenizer
-from adaptive_tokenizer.evaluate import (base_reconstruction, best_allocation, jpeg_complexity, l1_error, spearman,
-                                         TARGET_TOKENS)
+from adaptive_tokenizer.evaluate import (base_reconstruction, best_allocation, choose_iterations, jpeg_complexity,
+                                         l1_error, spearman, TARGET_TOKENS)
 from adaptive_tokenizer.image_io import list_image_files, load_images
 from adaptive_tokenizer.rollout import IterationRecord, rollout
 
@@ -49,15 +49,11 @@ def per_image_curves(tok: AdaptiveTokenizer, inputs: torch.Tensor) -> dict[str, 
 
 
 def rule_lengths(quantity: np.ndarray, target_units: float) -> np.ndarray:
-    """Iteration indices ``[N]`` of the threshold whose mean length (in iterations) is closest to the target."""
-    best, best_gap = None, float("inf")
-    for threshold in np.unique(quantity):
-        meets = quantity <= threshold
-        chosen = np.where(meets.any(1), meets.argmax(1), quantity.argmin(1))
-        gap = abs((chosen + 1).mean() - target_units)
-        if gap < best_gap - 1e-9:
-            best, best_gap = chosen, gap
-    return best
+    """Iteration indices ``[N]`` of the threshold whose mean length (in iterations) is closest to the target (the
+    first such threshold, trying every observed value); the rule itself is ``evaluate.choose_iterations``."""
+    chosen = choose_iterations(torch.from_numpy(quantity), np.unique(quantity)).numpy()  # [T, N]
+    gaps = np.abs((chosen + 1).mean(1) - target_units)
+    return chosen[int(np.argmin(gaps))]
 
 
 def constrained_search(l1: np.ndarray, complexity: np.ndarray, target_units: int, min_rho: float = 0.6,
@@ -77,6 +73,8 @@ def constrained_search(l1: np.ndarray, complexity: np.ndarray, target_units: int
     for _ in range(restarts):
         chosen = np.full(num_images, target_units - 1)
         current, temperature = score(chosen), 0.01
+        if current < best_score:  # the fixed allocation, should no move beat it
+            best, best_score = chosen.copy(), current
         for _ in range(moves):
             up, down = rng.integers(num_images, size=2)
             step = int(rng.integers(1, 3))
