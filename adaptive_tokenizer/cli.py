@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
     length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
     p.add_argument("--halt-threshold", type=float, metavar="E",
-                   help="per-image length: fewest tokens with mean absolute pixel error <= E")
+                   help="per-image length: fewest tokens whose length score (mean absolute pixel error minus the "
+                        "model's length_floor_weight x the base tokenizer's own) is <= E")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
     p.set_defaults(func=cmd_encode)
 

@@ -94,6 +94,11 @@ class ModelConfig:
     ``rollout``: ``"recurrent"`` (the authors': each iteration re-encodes the whole sequence) or ``"cached"``
     (block-causal: each iteration encodes only its new latent block against cached keys/values; the tokens of a
     smaller budget are a prefix of those of a larger one).
+
+    ``length_floor_weight`` (``w``, in [0, 1]): what ``encode(halt_threshold=...)`` compares with the threshold is
+    ``error - w * base_error``, where ``error`` is the reconstruction's mean absolute pixel error and
+    ``base_error`` the base tokenizer's own (the floor that no number of tokens goes below). 0 is the authors'
+    rule (plain error); larger weights stop images whose remaining error is mostly the base's sooner.
     """
 
     base: VQGANConfig = field(default_factory=VQGANConfig)
@@ -116,6 +121,7 @@ class ModelConfig:
     dynamic_halting: bool = True
     dynamic_halting_threshold: float = 0.55
     rollout: RolloutKind = "recurrent"
+    length_floor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.base, dict):  # convenience for from_dict and hand-written configs
@@ -180,6 +186,9 @@ class ModelConfig:
         if not 0.0 <= self.dynamic_halting_threshold <= 1.0:
             raise ValueError("ModelConfig.dynamic_halting_threshold is a probability in [0, 1], got "
                              f"{self.dynamic_halting_threshold}")
+        weight = self.length_floor_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"ModelConfig.length_floor_weight is a number in [0, 1], got {weight!r}")
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

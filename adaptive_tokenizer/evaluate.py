@@ -8,10 +8,12 @@ What is measured (every image preprocessed as the model sees it: resized, centre
 
 * **Fixed budgets** 32, 64, ..., max: mean L1, PSNR and SSIM of the reconstruction *clamped to [0, 1]* against the
   preprocessed input, from one rollout per image (``AdaptiveTokenizer.reconstructions``). ``error_unclamped`` is
-  the mean of the errors ``reconstructions`` returns: the unclamped L1 that ``halt_threshold`` compares.
+  the mean of the errors ``reconstructions`` returns (L1 before clamping); ``length_score`` is what
+  ``halt_threshold`` compares: that error minus ``config.length_floor_weight`` times the base tokenizer's own
+  error (``AdaptiveTokenizer.base_errors``), the plain error when the weight is 0.
 * **Base ceiling**: the VQGAN's own reconstruction (encode -> nearest codes -> ``decode_ids``), same metrics.
-* **Adaptive length** at several thresholds: each image's length is the first budget whose *unclamped* error is
-  ``<=`` the threshold, else the budget with the lowest error (first on ties): exactly the rule of
+* **Adaptive length** at several thresholds: each image's length is the first budget whose length score is
+  ``<=`` the threshold, else the budget with the lowest score (first on ties): exactly the rule of
   ``encode(halt_threshold=...)`` (the tests check they agree). Reported: mean tokens, mean L1 of the chosen
   (clamped) reconstruction, a histogram of lengths. The threshold whose mean length is closest to
   ``target_tokens`` (128) is compared with a fixed budget of 128 for every image and with the **best allocation**
@@ -28,8 +30,9 @@ range 1, "valid" filtering (no padding), the SSIM map averaged per channel, then
 downsampling: at 256 px Wang's reference code would not downsample either), filtered in float32.
 ``ssim(x, x) == 1`` exactly.
 
-Automatic thresholds: the per-image choice only changes at the observed (unclamped) errors, so every distinct
-outcome is reached by a threshold between two consecutive distinct error values. For target mean lengths evenly
+Automatic thresholds: the per-image choice only changes at the observed length scores, so every distinct
+outcome is reached by a threshold between two consecutive distinct scores (negative scores count as 0: thresholds
+are non-negative). For target mean lengths evenly
 spread from the shortest to the longest achievable mean (and ``target_tokens``), the candidate whose mean length is
 closest is kept; each kept threshold is a short decimal inside the middle half of its gap, so tiny numeric
 differences between batched rollouts cannot change a choice.
@@ -160,17 +163,17 @@ def jpeg_complexity(image: Tensor, quality: int = JPEG_QUALITY) -> float:
 
 
 # ---- adaptive length choice ----------------------------------------------------------------------------------
-def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
-    """The halt_threshold rule, vectorised: ``errors [N, I]``, thresholds ``[T]`` -> chosen iteration index
-    ``[T, N]`` (0-based): the first with error ``<=`` threshold, else the lowest-error one (first on ties).
+def choose_iterations(scores: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
+    """The halt_threshold rule, vectorised: length scores ``[N, I]``, thresholds ``[T]`` -> chosen iteration index
+    ``[T, N]`` (0-based): the first with score ``<=`` threshold, else the lowest-score one (first on ties).
 
-    The comparison is made in the errors' dtype (float32 from ``reconstructions``), as the rollout compares its
-    float32 errors with a Python float threshold: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
+    The comparison is made in the scores' dtype (float32, as the rollout's), as the rollout compares its float32
+    scores with a Python float threshold: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
     """
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(errors.dtype)
-    meets = errors[None] <= thresholds[:, None, None]  # [T, N, I]
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(scores.dtype)
+    meets = scores[None] <= thresholds[:, None, None]  # [T, N, I]
     first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
-    fallback = _first_argmin(errors)[None].expand_as(first)
+    fallback = _first_argmin(scores)[None].expand_as(first)
     return torch.where(meets.any(dim=2), first, fallback)
 
 
@@ -222,17 +225,18 @@ def _short_decimal(low: float, high: float) -> float:
     return middle
 
 
-def auto_thresholds(errors: Tensor, budgets: Sequence[int], *, target_tokens: int = TARGET_TOKENS,
+def auto_thresholds(scores: Tensor, budgets: Sequence[int], *, target_tokens: int = TARGET_TOKENS,
                     count: int = 5, max_candidates: int = 2000) -> list[float]:
     """Thresholds whose mean chosen lengths spread over the achievable range, including the one whose mean length
-    is closest to ``target_tokens`` (see the module docstring). Sorted ascending, distinct outcomes."""
-    values = np.unique(errors.numpy().ravel()).astype(np.float64)
+    is closest to ``target_tokens`` (see the module docstring). ``scores`` ``[N, I]``: length scores. Sorted
+    ascending, distinct outcomes, non-negative."""
+    values = np.unique(scores.numpy().ravel().clip(min=0)).astype(np.float64)
     edges = [0.0, *values.tolist(), float(values[-1]) * 1.5 + 1e-3]
     gaps = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
     if len(gaps) > max_candidates:  # many images: gaps at evenly spaced ranks (always the first and the last)
         gaps = [gaps[i] for i in sorted(set(np.linspace(0, len(gaps) - 1, max_candidates).round().astype(int)))]
     candidates = [_short_decimal(lo, hi) for lo, hi in gaps]
-    chosen = torch.cat([choose_iterations(errors, candidates[i : i + 64]) for i in range(0, len(candidates), 64)])
+    chosen = torch.cat([choose_iterations(scores, candidates[i : i + 64]) for i in range(0, len(candidates), 64)])
     lengths = torch.as_tensor(budgets, dtype=torch.float64)[chosen].mean(dim=1).numpy()
     spread = np.linspace(lengths.min(), lengths.max(), count)
     spacing = (lengths.max() - lengths.min()) / max(count - 1, 1)
@@ -253,8 +257,8 @@ def parse_thresholds(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"--thresholds takes comma-separated non-negative numbers (mean absolute pixel error in "
-                         f"[0, 1] units), e.g. 0.05,0.08, got {text!r}")
+        raise ValueError(f"--thresholds takes comma-separated non-negative numbers (length scores: mean absolute "
+                         f"pixel error in [0, 1] units, see halt_threshold), e.g. 0.02,0.05, got {text!r}")
     return sorted(set(values))
 
 
@@ -473,7 +477,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     out_dir = Path(out_dir)
     size = tok.config.image_size
 
-    per_image: dict[str, list] = {key: [] for key in ("error", "l1", "psnr", "ssim", "base", "complexity")}
+    per_image: dict[str, list] = {key: [] for key in ("error", "score", "l1", "psnr", "ssim", "base", "complexity")}
     keep_panels = len(paths) <= grid_images  # else the grid's images are re-run once their complexity is known
     panels: dict[int, list[Image.Image]] = {}
     with tqdm(total=len(paths), unit="img", desc="evaluating", file=sys.stderr,
@@ -485,7 +489,9 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             n, iterations = errors.shape
             flat = pixels.flatten(0, 1)
             targets = inputs[:, None].expand_as(pixels).flatten(0, 1)
-            per_image["error"].append(errors.float())  # float32, compared with thresholds as the rollout does
+            per_image["error"].append(errors.float())
+            # float32, compared with thresholds as the rollout does
+            per_image["score"].append(tok.model.length_score(errors.float(), tok.base_errors(inputs)[:, None]))
             per_image["l1"].append(l1_error(flat, targets).view(n, iterations))
             per_image["psnr"].append(psnr(flat, targets).view(n, iterations))
             per_image["ssim"].append(ssim(flat, targets).view(n, iterations))
@@ -497,7 +503,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                 panels.update({start + row: _panels(inputs[row], pixels[row], base[row]) for row in range(n)})
             bar.update(n)
 
-    errors = torch.cat(per_image["error"])  # [N, I] unclamped (the halt_threshold quantity)
+    errors = torch.cat(per_image["error"])  # [N, I] unclamped
+    scores = torch.cat(per_image["score"])  # [N, I] the halt_threshold quantity
     l1 = torch.cat(per_image["l1"])  # [N, I] clamped
     psnrs, ssims = torch.cat(per_image["psnr"]), torch.cat(per_image["ssim"])
     base = torch.cat(per_image["base"])  # [N, 3]: l1, psnr, ssim
@@ -513,8 +520,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
 
     source = "given" if thresholds is not None else "auto"
     if thresholds is None:
-        thresholds = auto_thresholds(errors, budgets, target_tokens=target_tokens)
-    chosen = choose_iterations(errors, thresholds)  # [T, N] iteration indices
+        thresholds = auto_thresholds(scores, budgets, target_tokens=target_tokens)
+    chosen = choose_iterations(scores, thresholds)  # [T, N] iteration indices
     budget_tensor = torch.tensor(budgets, dtype=torch.float64)
     rows = torch.arange(num_images)
     levels = []
@@ -524,7 +531,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
         levels.append({"threshold": threshold, "mean_tokens": float(lengths.mean()),
                        "mean_l1": float(l1[rows, pick].mean()),
                        "mean_error_unclamped": float(errors[rows, pick].mean()),
-                       "met_threshold": float((errors[rows, pick] <= threshold).double().mean()),
+                       "met_threshold": float((scores[rows, pick] <= threshold).double().mean()),
                        "histogram": torch.bincount(pick, minlength=iterations).tolist()})
     target_index = int(np.argmin([abs(level["mean_tokens"] - target_tokens) for level in levels]))
     fixed_index = int(np.argmin([abs(b - target_tokens) for b in budgets]))
@@ -552,7 +559,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     }
 
     images = [{"file": path.name, "complexity": float(complexity[i]),
-               "l1": l1[i].tolist(), "error_unclamped": errors[i].tolist(), "psnr": psnrs[i].tolist(),
+               "l1": l1[i].tolist(), "error_unclamped": errors[i].tolist(), "length_score": scores[i].tolist(),
+               "psnr": psnrs[i].tolist(),
                "ssim": ssims[i].tolist(), "base": {"l1": float(base[i, 0]), "psnr": float(base[i, 1]),
                                                    "ssim": float(base[i, 2])},
                "chosen_tokens": [budgets[int(chosen[t, i])] for t in range(len(thresholds))]}
@@ -590,6 +598,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                                                                     "model_max": tok.max_tokens},
                               "dynamic_halting": config.dynamic_halting,
                               "dynamic_halting_threshold": config.dynamic_halting_threshold,
+                              "length_floor_weight": config.length_floor_weight,
                               "encoder": f"{config.encoder_width}x{config.encoder_layers}",
                               "decoder": f"{config.decoder_width}x{config.decoder_layers}",
                               "codebook_size": config.codebook_size if config.quantized else None,
@@ -599,12 +608,14 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             "torch": torch.__version__, "python": platform.python_version(),
             "metric_notes": {"pixels": "[0, 1]; inputs resized and centre-cropped to the model resolution",
                              "l1_psnr_ssim": "of the reconstruction clamped to [0, 1]",
-                             "error_unclamped": "mean |reconstruction - input| before clamping: what halt_threshold "
-                                                "compares",
+                             "error_unclamped": "mean |reconstruction - input| before clamping",
+                             "length_score": "what halt_threshold compares: error_unclamped - length_floor_weight * "
+                                             "the base tokenizer's own unclamped error",
                              "psnr": f"per image, capped at {PSNR_CAP_DB:g} dB, then averaged",
                              "ssim": "Wang et al.: gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean "
                                      "over the map and the RGB channels",
-                             "per_image_lists": "l1, error_unclamped, psnr, ssim are aligned with budgets; "
+                             "per_image_lists": "l1, error_unclamped, length_score, psnr, ssim are aligned with "
+                                                "budgets; "
                                                 "chosen_tokens with adaptive.levels; histogram with budgets"},
         },
         "budgets": budgets,

@@ -406,10 +406,15 @@ def render_model_card(config: ModelConfig, info: ModelInfo | None = None, *, loa
     latent = (f"quantized: ids of {config.codebook_size} codes ({config.token_dim}-d)" if config.quantized
               else f"continuous: {config.latent_dim}-d float vectors")
     halting = (f"on (p >= {config.dynamic_halting_threshold})" if config.dynamic_halting else "off")
+    weight = config.length_floor_weight
+    length_rule = "fewest tokens whose mean absolute error"
+    length_rule += f" minus {weight:g} x the base tokenizer's own error" if weight else ""
+    length_rule += " is <= `halt_threshold`"
     facts = [("image size", f"{config.image_size} px"),
              ("tokens", f"{config.tokens_per_iteration} to {config.max_tokens} per image, in steps of "
                         f"{config.tokens_per_iteration}"),
              ("latent kind", latent), ("rollout", config.rollout), ("dynamic halting", halting),
+             ("adaptive length", length_rule),
              ("licence", info.license or "not recorded"), ("training data", info.training_data or "not recorded"),
              ("recipe", f"`{info.recipe}`" if info.recipe else "not recorded")]
     lines = [*front, "---", "", f"# {title}", ""]

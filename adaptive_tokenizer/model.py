@@ -36,6 +36,15 @@ class ALITModel(nn.Module):
         features = probs @ self.base.codebook.float()
         return self.base.decode_features(features.to(self.base.codebook.dtype))
 
+    def base_error(self, pixels: Tensor, code_ids: Tensor) -> Tensor:
+        """Mean absolute error ``[N]`` of the base tokenizer's own reconstruction of ``pixels`` ``[N, 3, R, R]``
+        from its codes ``code_ids`` ``[N, G2]`` (unclamped, as rollout errors): the floor of any token budget."""
+        return (self.base.decode_ids(code_ids).float() - pixels.float()).abs().mean(dim=(1, 2, 3))
+
+    def length_score(self, error: Tensor, base_error: Tensor) -> Tensor:
+        """What ``halt_threshold`` is compared with: ``error - config.length_floor_weight * base_error``."""
+        return length_score(error, base_error, self.config.length_floor_weight)
+
     def num_parameters(self) -> dict[str, int]:
         parts = {"base_tokenizer": self.base, "encoder": self.encoder, "decoder": self.decoder}
         if self.quantizer is not None:
@@ -43,3 +52,9 @@ class ALITModel(nn.Module):
         counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
         counts["total"] = sum(counts.values())
         return counts
+
+
+def length_score(error: Tensor, base_error: Tensor, floor_weight: float) -> Tensor:
+    """``error - floor_weight * base_error`` (``error`` itself for weight 0): reconstruction error above a fraction
+    of the base tokenizer's own, the quantity the per-image length rule compares with its threshold."""
+    return error - floor_weight * base_error if floor_weight else error

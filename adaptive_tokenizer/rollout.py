@@ -12,10 +12,12 @@ Between iterations, dynamic halting (when a threshold is given) halts the 2D tok
 the decoder already predicts with probability ``>= halting_threshold``: the recurrent rollout replaces them by
 mask tokens, the cached rollout removes them from the keys of all later blocks.
 
-With ``length_threshold`` (mean absolute pixel error, [0, 1] units) each image stops at the first iteration whose
-reconstruction error is ``<=`` the threshold; an image that never meets it gets the iteration with the lowest
-error (the first one on ties). Images that stop leave the batch, so they cost nothing more. Each image is decided
-on its own: results do not depend on what else is in the batch.
+With ``length_threshold`` each image stops at the first iteration whose length score is ``<=`` the threshold; an
+image that never meets it gets the iteration with the lowest score (the first one on ties). The score is the
+reconstruction's mean absolute pixel error ([0, 1] units) minus ``config.length_floor_weight`` times the base
+tokenizer's own error on that image (:meth:`ALITModel.length_score`; the plain error when the weight is 0, and the
+base's reconstruction is then not computed). Images that stop leave the batch, so they cost nothing more. Each
+image is decided on its own: results do not depend on what else is in the batch.
 
 Work is done only where the request needs it: without halting or a length threshold, neither the decoder nor the
 pixel decoder runs, and token vectors are computed only after the last iteration. What does not depend on the
@@ -47,6 +49,7 @@ class IterationRecord:
     halt_mask: Tensor | None  # [n, G2] bool, True = halted from the next iteration on (halting only)
     reconstruction: Tensor  # [n, 3, R, R] float32, unclamped
     error: Tensor  # [n] float32 mean |reconstruction - input|
+    length_score: Tensor  # [n] float32 what length_threshold is compared with (see ALITModel.length_score)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class RolloutOutput:
     tokens: list[Tensor]  # per image: [L_i] int64 ids, or [L_i, D] float32 vectors
     num_iterations: Tensor  # [N] int64, iterations behind each image's tokens (L_i / tokens_per_iteration)
     errors: Tensor | None  # [N] float32 reconstruction error of the chosen length (length_threshold only)
+    length_scores: Tensor | None  # [N] float32 its length score (length_threshold only)
 
 
 class RecurrentEncoderState:
@@ -139,15 +143,19 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
     batch = pixels.shape[0]
     pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
     features = model.base.encode(pixels)
-    gt_ids = model.base.code_ids(features) if halting_threshold is not None or trace is not None else None
+    selecting = length_threshold is not None
+    need_floor = (selecting or trace is not None) and config.length_floor_weight > 0
+    need_ids = halting_threshold is not None or trace is not None or need_floor
+    gt_ids = model.base.code_ids(features) if need_ids else None
+    base_error = model.base_error(pixels, gt_ids) if need_floor else torch.zeros(batch, device=pixels.device)
     state = ENCODER_STATES[config.rollout](model, model.encoder.embed_image(pixels, features), num_iterations)
     decoder_queries = model.decoder.normed_queries()
 
-    selecting = length_threshold is not None
     active = torch.arange(batch, device=pixels.device)
     tokens: list[Tensor | None] = [None] * batch
     chosen = torch.full((batch,), num_iterations, dtype=torch.long)
     best_error = torch.full((batch,), float("inf")) if selecting else None
+    best_score = torch.full((batch,), float("inf")) if selecting else None
 
     for t in range(num_iterations):
         latents = state.step(t)
@@ -160,7 +168,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
         vectors = model.encoder.to_token_vectors(latents).float()
         ids = model.quantizer.quantize(vectors) if model.quantizer is not None else None
         step_tokens = ids if ids is not None else vectors
-        logits = gt_prob = halt_mask = recon = error = None
+        logits = gt_prob = halt_mask = recon = error = score = None
         if need_logits:
             logits = model.decoder(model.decoder_inputs(step_tokens), decoder_queries).float()
         if gt_ids is not None and logits is not None:
@@ -172,28 +180,31 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
         if selecting or trace is not None:
             recon = model.reconstruct(logits).float()
             error = (recon - pixels.float()).abs().mean(dim=(1, 2, 3))
+            score = model.length_score(error, base_error)
         if trace is not None:
             trace(IterationRecord(t, active.cpu(), latents.float(), vectors, ids, logits, gt_prob, halt_mask,
-                                  recon, error))
+                                  recon, error, score))
 
         if not selecting:
             if last:
                 for row, image in enumerate(active.tolist()):
                     tokens[image] = step_tokens[row].clone()
             continue
-        error_cpu = error.cpu()
+        error_cpu, score_cpu = error.cpu(), score.cpu()
         for row, image in enumerate(active.tolist()):
-            if error_cpu[row] < best_error[image]:
-                best_error[image] = error_cpu[row]
+            if score_cpu[row] < best_score[image]:
+                best_score[image], best_error[image] = score_cpu[row], error_cpu[row]
                 tokens[image] = step_tokens[row].clone()
                 chosen[image] = t + 1
-        keep = error_cpu > length_threshold
+        keep = score_cpu > length_threshold
         if last or not keep.any():
             break
         if not keep.all():
             rows = keep.nonzero()[:, 0].to(pixels.device)
             active, pixels = active[rows], pixels[rows]
             gt_ids = gt_ids[rows] if gt_ids is not None else None
+            base_error = base_error[rows]
             state.select(rows)
 
-    return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=best_error)  # type: ignore[arg-type]
+    return RolloutOutput(tokens=tokens, num_iterations=chosen,  # type: ignore[arg-type]
+                         errors=best_error, length_scores=best_score)

@@ -35,12 +35,14 @@ class EncodeResult:
 
     ``tokens[i]``: ``[L_i]`` int64 code ids (quantized models) or ``[L_i, D]`` float32 vectors (continuous).
     ``num_tokens``: ``[N]`` int64, ``L_i``. ``errors``: ``[N]`` float32 mean absolute pixel error of the chosen
-    length (only when ``halt_threshold`` was given, else None).
+    length; ``length_scores``: ``[N]`` float32 what ``halt_threshold`` was compared with at that length (both only
+    when ``halt_threshold`` was given, else None; see :meth:`AdaptiveTokenizer.encode`).
     """
 
     tokens: list[Tensor]
     num_tokens: Tensor
     errors: Tensor | None = None
+    length_scores: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -65,7 +67,7 @@ class AdaptiveTokenizer:
 
     >>> tok = AdaptiveTokenizer.from_pretrained("org/name")             # or a manifest name, or a directory
     >>> result = tok.encode("photo.jpg", budget=64)            # 64 tokens
-    >>> result = tok.encode(images, halt_threshold=0.07)        # per-image length
+    >>> result = tok.encode(images, halt_threshold=0.025)        # per-image length
     >>> pixels = tok.decode(result)                              # [N, 3, H, W] in [0, 1]
     """
 
@@ -167,9 +169,11 @@ class AdaptiveTokenizer:
 
         ``max_tokens`` (alias ``budget``): tokens per image, at most; rounded down to a multiple of
         ``tokens_per_iteration``; default the model's maximum. Only the iterations it needs are run.
-        ``halt_threshold``: choose each image's length as the fewest tokens whose reconstruction has mean absolute
-        error (pixels in [0, 1]) ``<=`` the threshold, else the length with the lowest error up to
-        ``max_tokens``. Without it, every image gets exactly ``max_tokens`` tokens.
+        ``halt_threshold``: choose each image's length as the fewest tokens whose length score is ``<=`` the
+        threshold, else the length with the lowest score up to ``max_tokens``. The score is the reconstruction's
+        mean absolute error (pixels in [0, 1]) minus ``config.length_floor_weight`` times the base tokenizer's own
+        error on the image (the plain error for weight 0, the authors' rule; the default model's weight is in
+        its ``config.json``). Without it, every image gets exactly ``max_tokens`` tokens.
         """
         num_iterations = self._iterations_for(max_tokens, budget)
         if halt_threshold is not None:
@@ -180,7 +184,7 @@ class AdaptiveTokenizer:
             halt_threshold = float(halt_threshold)
         pixels = load_images(images, self.config.image_size)
         tokens: list[Tensor] = []
-        iterations, errors = [], []
+        iterations, errors, scores = [], [], []
         with torch.inference_mode():
             for start in range(0, len(pixels), self.batch_size):
                 out = rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
@@ -189,8 +193,11 @@ class AdaptiveTokenizer:
                 iterations.append(out.num_iterations)
                 if out.errors is not None:
                     errors.append(out.errors)
+                    scores.append(out.length_scores)
         num_tokens = torch.cat(iterations) * self.tokens_per_iteration
-        return EncodeResult(tokens, num_tokens, torch.cat(errors) if errors else None)
+        if not errors:
+            return EncodeResult(tokens, num_tokens)
+        return EncodeResult(tokens, num_tokens, torch.cat(errors), torch.cat(scores))
 
     def reconstructions(self, images: ImageInput | Sequence[ImageInput],
                         max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
@@ -198,7 +205,8 @@ class AdaptiveTokenizer:
 
         Returns ``(pixels [N, I, 3, R, R] in [0, 1], errors [N, I])`` for ``I`` iterations (budgets
         ``tokens_per_iteration * (1..I)``); errors are mean absolute pixel errors of the unclamped output,
-        the quantity ``halt_threshold`` compares.
+        the quantity ``halt_threshold`` compares when ``config.length_floor_weight`` is 0 (else see
+        :meth:`base_errors`).
         """
         num_iterations = self._iterations_for(max_tokens, None)
         pixels = load_images(images, self.config.image_size)
@@ -211,6 +219,18 @@ class AdaptiveTokenizer:
                 all_pixels.append(torch.stack([r.reconstruction.clamp(0, 1).cpu() for r in records], dim=1))
                 all_errors.append(torch.stack([r.error.cpu() for r in records], dim=1))
         return torch.cat(all_pixels), torch.cat(all_errors)
+
+    def base_errors(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """``[N]`` float32 mean absolute pixel error of the base tokenizer's own (unclamped) reconstruction: the
+        floor of every budget. ``halt_threshold`` compares ``errors - config.length_floor_weight * base_errors``
+        (``errors`` from :meth:`reconstructions`; :meth:`ALITModel.length_score`)."""
+        pixels = load_images(images, self.config.image_size)
+        base, out = self.model.base, []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.batch_size):
+                batch = pixels[start : start + self.batch_size].to(device=self.device, dtype=self.dtype)
+                out.append(self.model.base_error(batch, base.code_ids(base.encode(batch))).cpu())
+        return torch.cat(out)
 
     # ---- decode --------------------------------------------------------------------------------------------
     def decode(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray) -> Tensor:

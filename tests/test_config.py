@@ -41,6 +41,16 @@ def test_base_architecture_options_round_trip_and_default_for_older_files(tmp_pa
     assert block.shortcut.in_channels == block.shortcut.out_channels == 64
 
 
+def test_length_floor_weight_round_trips_and_defaults_to_the_authors_rule(tmp_path):
+    config = ModelConfig().replace(length_floor_weight=0.78)
+    config.to_json(tmp_path / "config.json")
+    assert ModelConfig.from_json(tmp_path / "config.json").length_floor_weight == 0.78
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["length_floor_weight"]  # written before the field existed
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert ModelConfig.from_json(tmp_path / "old.json").length_floor_weight == 0.0
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().encoder_width = 3
@@ -58,6 +68,10 @@ def test_derived_sizes():
     ({"factorize_latent": False}, "factorize_latent"),
     ({"max_iterations": 9}, "decoder_max_latent_tokens"),
     ({"dynamic_halting_threshold": 1.5}, "probability"),
+    ({"length_floor_weight": 1.5}, "length_floor_weight is a number in \\[0, 1\\], got 1.5"),
+    ({"length_floor_weight": -0.1}, "length_floor_weight"),
+    ({"length_floor_weight": float("nan")}, "length_floor_weight"),
+    ({"length_floor_weight": True}, "length_floor_weight"),
     ({"encoder_layers": 0}, "encoder_layers must be a positive int"),
     ({"encoder_width": 256, "encoder_heads": 8}, "must exceed base.z_channels"),
 ])

@@ -284,7 +284,8 @@ def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
     for copy in copies:
         copy.write_text(MANIFEST_PATH.read_text())
     entry = ship(converted_dirs["A"], "tiny-test", description="tiny", license="other", training_data="fixtures",
-                 recipe="adaptive-tokenizer convert", default=True, package_dir=package, manifest_copies=copies)
+                 recipe="adaptive-tokenizer convert", default=True, length_floor_weight=0.5, package_dir=package,
+                 manifest_copies=copies)
     assert copies[0].read_text() == copies[1].read_text()
     manifest = json.loads(copies[0].read_text())
     assert manifest["default"] == "tiny-test" and manifest["models"]["tiny-test"] == entry
@@ -293,6 +294,7 @@ def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
     assert (package / "weights" / "tiny-test" / "README.md").is_file()
     tok = AdaptiveTokenizer.from_pretrained(manifest=copies[0])  # the default, checksums verified
     assert len(tok.encode(torch.rand(3, 64, 64), budget=32).tokens[0]) == 32
+    assert tok.config.length_floor_weight == 0.5  # the option, written into the shipped config.json
 
 
 def test_latent_grid_positions_cover_the_grid_coarse_to_fine():
@@ -389,12 +391,23 @@ def test_stopping_rules(converted_dirs, images_u8, tmp_path, capsys):
     complexity = np.arange(8.0)
     chosen = stopping_rules.constrained_search(l1, complexity, 2, restarts=2, moves=3000)
     assert (chosen + 1).mean() == 2 and stopping_rules.spearman(chosen, complexity) >= 0.6
+    # the floor-weight sweep: w = 0 is the plain rule; the selection is the highest Spearman (then the smallest w)
+    # among the weights whose mean L1 beats the fixed budget's
+    errors = np.sort(generator.random((8, 4)), axis=1)[:, ::-1].copy()
+    base_errors = generator.random((8, 1)) * 0.5
+    rows, selected = stopping_rules.floor_weight_sweep(errors, errors, base_errors, complexity, 2)
+    assert len(rows) == 101 and rows[0]["weight"] == 0.0 and rows[-1]["weight"] == 1.0
+    plain = stopping_rules.rule_lengths(errors, 2)
+    assert rows[0]["mean_l1"] == errors[np.arange(8), plain].mean()
+    beating = [row for row in rows if row["mean_l1"] < errors[:, 1].mean()]
+    assert beating and selected == max(beating, key=lambda row: (row["spearman"], -row["weight"]))["weight"]
     folder = tmp_path / "photos"
     folder.mkdir()
     for index, image in enumerate(images_u8):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index}.png")
     tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
     stopping_rules.main([str(folder), "--model", str(converted_dirs["A"]),
-                         "--target-tokens", str(2 * tok.tokens_per_iteration)])
+                         "--target-tokens", str(2 * tok.tokens_per_iteration), "--floor-weights"])
     out = capsys.readouterr().out
+    assert "| 0.50 |" in out and "selected length_floor_weight:" in out
     assert "3 images" in out and all(f"| {rule} |" in out for rule in ("l1_input", "l1_base", "entropy", "best"))

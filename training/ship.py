@@ -1,7 +1,10 @@
 """Ship a trained model inside the package: fp16 weights, model card, and its weights-manifest entry.
 
     python -m training.ship --model /work/runs/alit/export --name alit-photos-128 --default \
-        --description "..." --training-data "..." --recipe "..."
+        --description "..." --training-data "..." --recipe "..." [--length-floor-weight W]
+
+``--length-floor-weight``: the shipped config's ``length_floor_weight`` (the adaptive-length rule; select it on
+held-out files with ``python -m training.stopping_rules ... --floor-weights``); default: the export's.
 
 Writes ``adaptive_tokenizer/weights/NAME/`` (``config.json``, fp16 ``model.safetensors``, ``README.md`` card,
 ``training_provenance.json`` when the export has one), then the entry (sizes, sha256, licence, provenance) into both
@@ -29,18 +32,21 @@ MAX_MEGABYTES = 25.0
 
 
 def ship(model_dir: Path, name: str, *, description: str, license: str, training_data: str, recipe: str,
-         default: bool, package_dir: Path = MANIFEST_PATH.parent,
+         default: bool, length_floor_weight: float | None = None, package_dir: Path = MANIFEST_PATH.parent,
          manifest_copies: tuple[Path, ...] = (MANIFEST_PATH, REPO_ROOT / "weights_manifest.json")) -> dict:
     """Copy ``model_dir`` (a ``save_pretrained`` export) into the package as fp16 and register it; returns the
     manifest entry."""
     tok = AdaptiveTokenizer.from_pretrained(model_dir)
+    config = tok.config if length_floor_weight is None else tok.config.replace(length_floor_weight=length_floor_weight)
     weights = {key: value.detach().to(torch.float16) for key, value in tok.model.state_dict().items()}
     target = package_dir / "weights" / name
+    if target.resolve() == Path(model_dir).resolve():
+        raise ValueError(f"--model {model_dir} is the folder being shipped to; export or copy it elsewhere first")
     if target.exists():
         shutil.rmtree(target)
-    save_model_files(target, tok.config, weights)
+    save_model_files(target, config, weights)
     info = ModelInfo(description=description, license=license, training_data=training_data, recipe=recipe, name=name)
-    write_atomic(target / CARD_NAME, render_model_card(tok.config, info, load_as=name).encode())
+    write_atomic(target / CARD_NAME, render_model_card(config, info, load_as=name).encode())
     provenance = model_dir / "training_provenance.json"
     if provenance.is_file():
         shutil.copyfile(provenance, target / provenance.name)
@@ -48,7 +54,6 @@ def ship(model_dir: Path, name: str, *, description: str, license: str, training
     if megabytes > MAX_MEGABYTES:
         raise ValueError(f"{target} holds {megabytes:.1f} MB, over the {MAX_MEGABYTES} MB budget")
 
-    config = tok.config
     entry = {
         "description": description, "image_size": config.image_size,
         "tokens": {"min": config.tokens_per_iteration, "max": config.max_tokens, "step": config.tokens_per_iteration},
@@ -80,9 +85,12 @@ def main() -> None:
     parser.add_argument("--license", default="other", help="Hub licence id of the weights (default: other)")
     parser.add_argument("--training-data", required=True, help="sources and licences of the training images")
     parser.add_argument("--recipe", required=True, help="the commands that trained the model")
+    parser.add_argument("--length-floor-weight", type=float, default=None,
+                        help="the shipped config's length_floor_weight (default: the export's)")
     args = parser.parse_args()
     ship(args.model, args.name, description=args.description, license=args.license,
-         training_data=args.training_data, recipe=args.recipe, default=args.default)
+         training_data=args.training_data, recipe=args.recipe, default=args.default,
+         length_floor_weight=args.length_floor_weight)
 
 
 if __name__ == "__main__":
