@@ -1,6 +1,6 @@
 """Variable-length image tokens as input to a small downstream transformer (text + image vocabulary).
 
-    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.07]
+    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.025]
 
 Without ``--model`` it uses the default model embedded in the package; the model must have quantized latents.
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+")
     parser.add_argument("--model", default=None, help="default: the embedded default model")
-    parser.add_argument("--halt-threshold", type=float, default=0.07)
+    parser.add_argument("--halt-threshold", type=float, default=0.025)
     args = parser.parse_args()
 
     tok = AdaptiveTokenizer.from_pretrained(args.model)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.config import DEFAULT_MODEL
+from adaptive_tokenizer.evaluate import jpeg_complexity, l1_error, spearman
 from adaptive_tokenizer.hub import load_manifest
 from adaptive_tokenizer.image_io import list_image_files, load_images
 
@@ -27,6 +28,10 @@ pytestmark = pytest.mark.skipif(load_manifest().default is None,
 # Mean L1 over the 11 evaluation photos at 32 and 256 tokens, as measured when the model was shipped (README table),
 # with a margin for other CPUs' kernels.
 MEASURED_L1_32, MEASURED_L1_256 = 0.0826, 0.0524
+# The length rule's weight, selected on the corpus' held-out files (training/README.md), and the README's adaptive
+# row on the evaluation photos: threshold, mean tokens, mean L1 (fixed 128 tokens: 0.0583), Spearman vs complexity.
+LENGTH_FLOOR_WEIGHT = 0.78
+ADAPTIVE_THRESHOLD, ADAPTIVE_MEAN_TOKENS, ADAPTIVE_L1, ADAPTIVE_SPEARMAN = 0.0226, 128.0, 0.0570, 0.628
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,9 @@ def tok() -> AdaptiveTokenizer:
 
 
 def test_default_model_is_the_default_architecture(tok):
-    assert tok.config.replace(base=DEFAULT_MODEL.base) == DEFAULT_MODEL.replace(base=DEFAULT_MODEL.base)
+    assert tok.config.length_floor_weight == LENGTH_FLOOR_WEIGHT  # chosen after training, not architecture
+    config = tok.config.replace(length_floor_weight=DEFAULT_MODEL.length_floor_weight)
+    assert config.replace(base=DEFAULT_MODEL.base) == DEFAULT_MODEL.replace(base=DEFAULT_MODEL.base)
     assert tok.config.base == DEFAULT_MODEL.base
     assert (tok.config.image_size, tok.max_tokens, tok.config.rollout) == (128, 256, "cached")
 
@@ -50,6 +57,21 @@ def test_quality_improves_with_every_budget(tok):
     assert (mean[1:] < mean[:-1]).all(), mean  # strictly better at every larger budget
     assert mean[0] == pytest.approx(MEASURED_L1_32, abs=0.003)
     assert mean[-1] == pytest.approx(MEASURED_L1_256, abs=0.003)
+
+
+def test_adaptive_length_beats_a_fixed_budget_and_follows_complexity(tok):
+    """The README's adaptive row: at its threshold the photos take 128 tokens on average, reconstruct better than
+    128 tokens each, and the longer lengths go to the more complex photos (Spearman >= 0.6)."""
+    images = load_images(PHOTOS, tok.config.image_size)
+    adaptive = tok.encode(images, halt_threshold=ADAPTIVE_THRESHOLD)
+    fixed = tok.encode(images, budget=128)
+    adaptive_l1 = l1_error(tok.decode(adaptive), images).mean().item()
+    fixed_l1 = l1_error(tok.decode(fixed), images).mean().item()
+    lengths = adaptive.num_tokens.double()
+    assert lengths.mean().item() == ADAPTIVE_MEAN_TOKENS
+    assert adaptive_l1 == pytest.approx(ADAPTIVE_L1, abs=0.0005) and adaptive_l1 < fixed_l1
+    rho = spearman(lengths.numpy(), [jpeg_complexity(image) for image in images])
+    assert rho == pytest.approx(ADAPTIVE_SPEARMAN, abs=0.001) and rho >= 0.6
 
 
 def test_tokens_are_prefixes_and_independent_of_the_batch(tok):
