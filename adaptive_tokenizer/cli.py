@@ -170,19 +170,22 @@ def output_names(sources: Sequence[str], suffix: str = ".png") -> list[str]:
 
 
 def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
-                 halt_threshold: float | None) -> EncodeResult:
+                 halt_threshold: float | None, length_floor_weight: float | None = None) -> EncodeResult:
     """``tok.encode`` over ``paths`` in batches (so only a batch of images is in memory), with a progress bar."""
     parts: list[EncodeResult] = []
     # disable=None: the bar shows only when stderr is a terminal (no clutter in logs or captured output)
     with tqdm(total=len(paths), unit="img", desc="encoding", file=sys.stderr, disable=None) as bar:
         for start in range(0, len(paths), batch_size):
             batch = list(paths[start : start + batch_size])
-            parts.append(tok.encode(batch, max_tokens=max_tokens, halt_threshold=halt_threshold))
+            parts.append(tok.encode(batch, max_tokens=max_tokens, halt_threshold=halt_threshold,
+                                    length_floor_weight=length_floor_weight))
             bar.update(len(batch))
     errors = [part.errors for part in parts if part.errors is not None]
+    scores = [part.length_scores for part in parts if part.length_scores is not None]
     return EncodeResult(tokens=[t for part in parts for t in part.tokens],
                         num_tokens=torch.cat([part.num_tokens for part in parts]),
-                        errors=torch.cat(errors) if errors else None)
+                        errors=torch.cat(errors) if errors else None,
+                        length_scores=torch.cat(scores) if scores else None)
 
 
 # ---- subcommands ---------------------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args)
     tok.batch_size = args.batch_size
     result = encode_paths(tok, sources, args.batch_size, max_tokens=args.max_tokens,
-                          halt_threshold=args.halt_threshold)
+                          halt_threshold=args.halt_threshold, length_floor_weight=args.length_floor_weight)
     save_token_file(args.output, result, sources, tok.config.latent_kind)
     lengths = result.num_tokens.float()
     error = f", mean L1 {result.errors.mean():.4f}" if result.errors is not None else ""
@@ -370,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--halt-threshold", type=float, metavar="E",
                    help="per-image length: fewest tokens whose length score (mean absolute pixel error minus the "
                         "model's length_floor_weight x the base tokenizer's own) is <= E")
+    p.add_argument("--length-floor-weight", type=float, metavar="W",
+                   help="the length score's weight in [0, 1] for this run (default: the model's; 0: the authors' rule)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
     p.set_defaults(func=cmd_encode)
 

@@ -186,9 +186,7 @@ class ModelConfig:
         if not 0.0 <= self.dynamic_halting_threshold <= 1.0:
             raise ValueError("ModelConfig.dynamic_halting_threshold is a probability in [0, 1], got "
                              f"{self.dynamic_halting_threshold}")
-        weight = self.length_floor_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-            raise ValueError(f"ModelConfig.length_floor_weight is a number in [0, 1], got {weight!r}")
+        check_length_floor_weight(self.length_floor_weight, "ModelConfig.length_floor_weight")
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +242,13 @@ def _tuples(data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"config base has unknown fields {unknown}; known fields: {sorted(known)}")
         out["base"] = VQGANConfig(**_tuples(base))
     return out
+
+
+def check_length_floor_weight(weight: Any, name: str = "length_floor_weight") -> float:
+    """``weight`` as a float; ValueError unless it is a number in [0, 1]."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"{name} is a number in [0, 1], got {weight!r}")
+    return float(weight)
 
 
 def _positive(config: Any, *names: str) -> None:

@@ -127,12 +127,13 @@ ENCODER_STATES = {"recurrent": RecurrentEncoderState, "cached": CachedEncoderSta
 
 
 def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_threshold: float | None = None,
-            length_threshold: float | None = None,
+            length_threshold: float | None = None, length_floor_weight: float | None = None,
             trace: Callable[[IterationRecord], None] | None = None) -> RolloutOutput:
     """Encode ``pixels`` ``[N, 3, R, R]`` (float in [0, 1], model resolution) into tokens.
 
     ``num_iterations``: iterations to run at most (1..max_iterations). ``halting_threshold``: dynamic halting
-    probability, None for no halting. ``length_threshold``: per-image length choice by reconstruction error.
+    probability, None for no halting. ``length_threshold``: per-image length choice by length score, whose
+    ``length_floor_weight`` is the model's ``config.length_floor_weight`` when None.
     ``trace``: called after every iteration with an :class:`IterationRecord`; tracing decodes and reconstructs
     at every iteration, as the authors' code does (used by the parity tests and the reference benchmark).
     Call under ``torch.inference_mode()``.
@@ -144,7 +145,8 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
     pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
     features = model.base.encode(pixels)
     selecting = length_threshold is not None
-    need_floor = (selecting or trace is not None) and config.length_floor_weight > 0
+    floor_weight = config.length_floor_weight if length_floor_weight is None else length_floor_weight
+    need_floor = (selecting or trace is not None) and floor_weight > 0
     need_ids = halting_threshold is not None or trace is not None or need_floor
     gt_ids = model.base.code_ids(features) if need_ids else None
     base_error = model.base_error(pixels, gt_ids) if need_floor else torch.zeros(batch, device=pixels.device)
@@ -180,7 +182,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
         if selecting or trace is not None:
             recon = model.reconstruct(logits).float()
             error = (recon - pixels.float()).abs().mean(dim=(1, 2, 3))
-            score = model.length_score(error, base_error)
+            score = model.length_score(error, base_error, floor_weight)
         if trace is not None:
             trace(IterationRecord(t, active.cpu(), latents.float(), vectors, ids, logits, gt_prob, halt_mask,
                                   recon, error, score))

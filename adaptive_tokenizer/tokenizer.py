@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import ModelConfig, check_length_floor_weight
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, load_images
 from .model import ALITModel
@@ -164,7 +164,8 @@ class AdaptiveTokenizer:
 
     # ---- encode --------------------------------------------------------------------------------------------
     def encode(self, images: ImageInput | Sequence[ImageInput], max_tokens: int | None = None,
-               halt_threshold: float | None = None, budget: int | None = None) -> EncodeResult:
+               halt_threshold: float | None = None, budget: int | None = None,
+               length_floor_weight: float | None = None) -> EncodeResult:
         """Encode images into token sequences.
 
         ``max_tokens`` (alias ``budget``): tokens per image, at most; rounded down to a multiple of
@@ -174,6 +175,7 @@ class AdaptiveTokenizer:
         mean absolute error (pixels in [0, 1]) minus ``config.length_floor_weight`` times the base tokenizer's own
         error on the image (the plain error for weight 0, the authors' rule; the default model's weight is in
         its ``config.json``). Without it, every image gets exactly ``max_tokens`` tokens.
+        ``length_floor_weight``: that weight for this call, in [0, 1] (default: the model's).
         """
         num_iterations = self._iterations_for(max_tokens, budget)
         if halt_threshold is not None:
@@ -182,13 +184,16 @@ class AdaptiveTokenizer:
                 raise ValueError(f"halt_threshold must be a non-negative number (mean absolute pixel error in "
                                  f"[0, 1] units), got {halt_threshold!r}")
             halt_threshold = float(halt_threshold)
+        if length_floor_weight is not None:
+            length_floor_weight = check_length_floor_weight(length_floor_weight)
         pixels = load_images(images, self.config.image_size)
         tokens: list[Tensor] = []
         iterations, errors, scores = [], [], []
         with torch.inference_mode():
             for start in range(0, len(pixels), self.batch_size):
                 out = rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
-                              halting_threshold=self._halting_threshold(), length_threshold=halt_threshold)
+                              halting_threshold=self._halting_threshold(), length_threshold=halt_threshold,
+                              length_floor_weight=length_floor_weight)
                 tokens += [t.cpu() for t in out.tokens]
                 iterations.append(out.num_iterations)
                 if out.errors is not None:

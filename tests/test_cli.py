@@ -249,6 +249,8 @@ USER_ERRORS = {
                         "--max-tokens", "32"], "not allowed with"),
     "bad threshold": (["encode", "--model", "{A}", "{images}", "-o", "{tmp}/t.safetensors", "--halt-threshold",
                        "-1"], "halt_threshold"),
+    "bad floor weight": (["encode", "--model", "{A}", "{images}", "-o", "{tmp}/t.safetensors", "--halt-threshold",
+                          "0.5", "--length-floor-weight", "2"], "length_floor_weight is a number in [0, 1]"),
     "not an int": (["encode", "--model", "{A}", "{images}", "-o", "{tmp}/t.safetensors", "--budget", "6x"],
                    "invalid int value"),
     "bad device": (["info", "--model", "{A}", "--device", "toaster"], "invalid device"),

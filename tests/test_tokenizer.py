@@ -132,6 +132,18 @@ def test_length_floor_weight_discounts_the_base_error(tok_a, tok_floor, images):
     assert batch.length_scores.tolist() == pytest.approx((batch.errors - weight * base_errors).tolist(), abs=1e-6)
     plain = tok_a.encode(images, max_tokens=128, halt_threshold=threshold)
     assert plain.length_scores.tolist() == plain.errors.tolist()  # weight 0: the authors' rule
+    # the weight for one call: 0 on tok_floor is tok_a's rule, 0.5 on tok_a is tok_floor's
+    authors = tok_floor.encode(images, max_tokens=128, halt_threshold=threshold, length_floor_weight=0)
+    assert authors.num_tokens.tolist() == plain.num_tokens.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(authors.tokens, plain.tokens))
+    floor = tok_a.encode(images, max_tokens=128, halt_threshold=threshold, length_floor_weight=weight)
+    assert floor.num_tokens.tolist() == expected
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan"), "0.5", True])
+def test_bad_length_floor_weight_is_rejected(tok_a, images, weight):
+    with pytest.raises(ValueError, match=r"length_floor_weight is a number in \[0, 1\]"):
+        tok_a.encode(images[0], halt_threshold=0.5, length_floor_weight=weight)
 
 
 def test_finished_images_stop_iterating(tok_a, images):
