@@ -18,7 +18,9 @@ What is measured (every image preprocessed as the model sees it: resized, centre
   (clamped) reconstruction, a histogram of lengths. The threshold whose mean length is closest to
   ``target_tokens`` (128) is compared with a fixed budget of 128 for every image and with the **best allocation**
   (:func:`best_allocation`): the lengths, at most ``target_tokens`` on average, that minimise the mean L1 knowing
-  every image's errors, the bound on what any halting rule could reach on these images.
+  every image's errors, the bound on what any halting rule could reach on these images. ``per_image``
+  (:func:`paired_difference`): images better / worse / the same than at the fixed budget, and a seeded bootstrap
+  95% interval of the mean difference.
 * **Complexity**: JPEG bytes per pixel of the model-resolution input (PIL, quality 90, default 4:2:0 chroma
   subsampling, in memory); Spearman correlations of complexity with the chosen length (at the ~128 threshold) and
   with the L1 error at each fixed budget.
@@ -175,6 +177,17 @@ def choose_iterations(scores: Tensor, thresholds: Sequence[float] | Tensor) -> T
     first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
     fallback = _first_argmin(scores)[None].expand_as(first)
     return torch.where(meets.any(dim=2), first, fallback)
+
+
+def paired_difference(differences: Tensor, *, resamples: int = 10000, seed: int = 0) -> dict:
+    """Per-image L1 differences (adaptive minus fixed, ``[N]``): how many images are better / worse / the same,
+    and a seeded percentile-bootstrap 95% interval of their mean (images resampled with replacement)."""
+    values = differences.double().numpy()
+    generator = np.random.default_rng(seed)
+    means = values[generator.integers(len(values), size=(resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"better": int((values < 0).sum()), "worse": int((values > 0).sum()), "same": int((values == 0).sum()),
+            "mean": float(values.mean()), "bootstrap_95": [float(low), float(high)], "resamples": resamples}
 
 
 def best_allocation(errors: Tensor, units_per_image: float) -> Tensor:
@@ -539,7 +552,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     comparison = {"target_tokens": target_tokens, "threshold": target_level["threshold"],
                   "adaptive_mean_tokens": target_level["mean_tokens"], "adaptive_mean_l1": target_level["mean_l1"],
                   "fixed_budget": budgets[fixed_index], "fixed_mean_l1": fixed[fixed_index]["l1"],
-                  "l1_difference": target_level["mean_l1"] - fixed[fixed_index]["l1"]}
+                  "l1_difference": target_level["mean_l1"] - fixed[fixed_index]["l1"],
+                  "per_image": paired_difference(l1[rows, chosen[target_index]] - l1[:, fixed_index])}
     best = best_allocation(l1, target_tokens / tok.tokens_per_iteration)  # the bound on any length rule
     best_lengths = budget_tensor[best].numpy()
     comparison["best_allocation"] = {"mean_tokens": float(best_lengths.mean()),
@@ -675,6 +689,9 @@ def format_table(report: dict) -> str:
     lines.append(f"adaptive t={fmt_threshold(comp['threshold'])}: L1 {comp['adaptive_mean_l1']:.4f} at "
                  f"{comp['adaptive_mean_tokens']:.1f} tokens on average; fixed {comp['fixed_budget']}: "
                  f"L1 {comp['fixed_mean_l1']:.4f}")
+    pair = comp["per_image"]
+    lines.append(f"  per image: better {pair['better']}, worse {pair['worse']}, same {pair['same']}; mean difference "
+                 f"{pair['mean']:+.4f}, bootstrap 95% [{pair['bootstrap_95'][0]:+.4f}, {pair['bootstrap_95'][1]:+.4f}]")
     best = comp["best_allocation"]
     lines.append(f"best allocation knowing every image's errors (no rule can do better): L1 {best['mean_l1']:.4f} at "
                  f"{best['mean_tokens']:.1f} tokens on average, Spearman(length, complexity) "

@@ -67,7 +67,7 @@ class AdaptiveTokenizer:
 
     >>> tok = AdaptiveTokenizer.from_pretrained("org/name")             # or a manifest name, or a directory
     >>> result = tok.encode("photo.jpg", budget=64)            # 64 tokens
-    >>> result = tok.encode(images, halt_threshold=0.025)        # per-image length
+    >>> result = tok.encode(images, halt_threshold=0.025)       # per-image length
     >>> pixels = tok.decode(result)                              # [N, 3, H, W] in [0, 1]
     """
 

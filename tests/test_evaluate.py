@@ -267,6 +267,23 @@ def test_adaptive_levels(evaluation):
     assert sum(best["histogram"]) == 4 and len(best["histogram"]) == len(budgets)
 
 
+def test_paired_difference_counts_and_interval(evaluation):
+    differences = torch.tensor([-0.02, -0.01, 0.0, 0.005, -0.03])
+    pair = ev.paired_difference(differences, resamples=2000)
+    assert (pair["better"], pair["worse"], pair["same"]) == (3, 1, 1)
+    assert pair["mean"] == pytest.approx(-0.011)
+    low, high = pair["bootstrap_95"]
+    assert -0.03 <= low < pair["mean"] < high <= 0.005
+    assert ev.paired_difference(differences, resamples=2000) == pair  # seeded
+    *_, report = evaluation  # the report's numbers are those of its images
+    rows, budgets = report["images"], report["budgets"]
+    comparison, target = report["adaptive"]["comparison"], report["adaptive"]["target_level"]
+    per_image = [row["l1"][budgets.index(row["chosen_tokens"][target])] - row["l1"][budgets.index(
+        comparison["fixed_budget"])] for row in rows]
+    assert comparison["per_image"]["mean"] == pytest.approx(np.mean(per_image))
+    assert comparison["per_image"]["better"] == sum(d < 0 for d in per_image)
+
+
 def test_adaptive_choices_equal_encode(evaluation, tok_a, image_folder):
     """The choices computed from reconstructions() errors are what encode(halt_threshold=t) chooses (all images at
     the level with the most varied lengths; 2 images at the ~128 level, to save time), and the adaptive L1 is that
