@@ -503,8 +503,9 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             flat = pixels.flatten(0, 1)
             targets = inputs[:, None].expand_as(pixels).flatten(0, 1)
             per_image["error"].append(errors.float())
-            # float32, compared with thresholds as the rollout does
-            per_image["score"].append(tok.model.length_score(errors.float(), tok.base_errors(inputs)[:, None]))
+            # float32, compared with thresholds as the rollout does; the base's error only matters for a weight > 0
+            floor = tok.base_errors(inputs)[:, None] if tok.config.length_floor_weight else torch.zeros(n, 1)
+            per_image["score"].append(tok.model.length_score(errors.float(), floor))
             per_image["l1"].append(l1_error(flat, targets).view(n, iterations))
             per_image["psnr"].append(psnr(flat, targets).view(n, iterations))
             per_image["ssim"].append(ssim(flat, targets).view(n, iterations))
@@ -574,9 +575,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
 
     images = [{"file": path.name, "complexity": float(complexity[i]),
                "l1": l1[i].tolist(), "error_unclamped": errors[i].tolist(), "length_score": scores[i].tolist(),
-               "psnr": psnrs[i].tolist(),
-               "ssim": ssims[i].tolist(), "base": {"l1": float(base[i, 0]), "psnr": float(base[i, 1]),
-                                                   "ssim": float(base[i, 2])},
+               "psnr": psnrs[i].tolist(), "ssim": ssims[i].tolist(),
+               "base": {"l1": float(base[i, 0]), "psnr": float(base[i, 1]), "ssim": float(base[i, 2])},
                "chosen_tokens": [budgets[int(chosen[t, i])] for t in range(len(thresholds))]}
               for i, path in enumerate(paths)]
 
@@ -629,8 +629,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                              "ssim": "Wang et al.: gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean "
                                      "over the map and the RGB channels",
                              "per_image_lists": "l1, error_unclamped, length_score, psnr, ssim are aligned with "
-                                                "budgets; "
-                                                "chosen_tokens with adaptive.levels; histogram with budgets"},
+                                                "budgets; chosen_tokens with adaptive.levels; histogram with budgets"},
         },
         "budgets": budgets,
         "fixed": fixed,

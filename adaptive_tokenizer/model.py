@@ -41,11 +41,9 @@ class ALITModel(nn.Module):
         from its codes ``code_ids`` ``[N, G2]`` (unclamped, as rollout errors): the floor of any token budget."""
         return (self.base.decode_ids(code_ids).float() - pixels.float()).abs().mean(dim=(1, 2, 3))
 
-    def length_score(self, error: Tensor, base_error: Tensor, floor_weight: float | None = None) -> Tensor:
-        """What ``halt_threshold`` is compared with: ``error - w * base_error``, ``w`` = ``floor_weight`` or, when
-        None, ``config.length_floor_weight``."""
-        weight = self.config.length_floor_weight if floor_weight is None else floor_weight
-        return length_score(error, base_error, weight)
+    def length_score(self, error: Tensor, base_error: Tensor) -> Tensor:
+        """What ``halt_threshold`` is compared with: ``error - config.length_floor_weight * base_error``."""
+        return length_score(error, base_error, self.config.length_floor_weight)
 
     def num_parameters(self) -> dict[str, int]:
         parts = {"base_tokenizer": self.base, "encoder": self.encoder, "decoder": self.decoder}

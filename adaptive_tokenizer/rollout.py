@@ -15,9 +15,9 @@ mask tokens, the cached rollout removes them from the keys of all later blocks.
 With ``length_threshold`` each image stops at the first iteration whose length score is ``<=`` the threshold; an
 image that never meets it gets the iteration with the lowest score (the first one on ties). The score is the
 reconstruction's mean absolute pixel error ([0, 1] units) minus ``config.length_floor_weight`` times the base
-tokenizer's own error on that image (:meth:`ALITModel.length_score`; the plain error when the weight is 0, and the
-base's reconstruction is then not computed). Images that stop leave the batch, so they cost nothing more. Each
-image is decided on its own: results do not depend on what else is in the batch.
+tokenizer's own error on that image (:func:`~adaptive_tokenizer.model.length_score`; the plain error when the weight
+is 0, and the base's reconstruction is then not computed). Images that stop leave the batch, so they cost nothing
+more. Each image is decided on its own: results do not depend on what else is in the batch.
 
 Work is done only where the request needs it: without halting or a length threshold, neither the decoder nor the
 pixel decoder runs, and token vectors are computed only after the last iteration. What does not depend on the
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import ALITModel
+from .model import ALITModel, length_score
 
 
 @dataclass
@@ -49,7 +49,7 @@ class IterationRecord:
     halt_mask: Tensor | None  # [n, G2] bool, True = halted from the next iteration on (halting only)
     reconstruction: Tensor  # [n, 3, R, R] float32, unclamped
     error: Tensor  # [n] float32 mean |reconstruction - input|
-    length_score: Tensor  # [n] float32 what length_threshold is compared with (see ALITModel.length_score)
+    length_score: Tensor  # [n] float32 what length_threshold is compared with (see model.length_score)
 
 
 @dataclass
@@ -182,7 +182,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
         if selecting or trace is not None:
             recon = model.reconstruct(logits).float()
             error = (recon - pixels.float()).abs().mean(dim=(1, 2, 3))
-            score = model.length_score(error, base_error, floor_weight)
+            score = length_score(error, base_error, floor_weight)
         if trace is not None:
             trace(IterationRecord(t, active.cpu(), latents.float(), vectors, ids, logits, gt_prob, halt_mask,
                                   recon, error, score))
