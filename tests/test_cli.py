@@ -20,6 +20,8 @@ from adaptive_tokenizer import cli
 from adaptive_tokenizer.cli import TOKEN_FORMAT, load_token_file, main, output_names, save_token_file
 from adaptive_tokenizer.tokenizer import EncodeResult
 
+from .tolerances import decode_atol
+
 FIXTURES = Path(__file__).parent / "fixtures"
 HEADS = ["--encoder-heads", "4", "--decoder-heads", "4"]  # the tiny fixtures match no authors' preset
 IMAGE_NAMES = ("img0.png", "img1.jpg", "img2.png")
@@ -200,7 +202,8 @@ def test_decode_matches_library(capsys, model_dirs, tokens_a, tmp_path):
     tok = AdaptiveTokenizer.from_pretrained(model_dirs["A"])
     expected = tok.decode(load_token_file(tokens_a)[0][:1])[0]
     written = torch.from_numpy(np.array(Image.open(tmp_path / "img0.png"))).permute(2, 0, 1) / 255
-    assert (written - expected).abs().max() <= 0.5 / 255 + 1e-6
+    # PNGs round to 1/255; the CLI decodes the 3 images in one batch, the library this one alone (tolerances.py)
+    assert (written - expected).abs().max() <= 0.5 / 255 + decode_atol(tok)
 
 
 def test_output_names_disambiguate():
