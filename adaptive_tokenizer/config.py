@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -244,11 +246,33 @@ def _tuples(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def real_number(value: Any) -> float | None:
+    """``value`` as a finite float if it is a real number: a Python or NumPy int or float, or a 0-d tensor or array
+    holding one; None for anything else (bools, NaN, infinities, complex numbers, strings, sequences)."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # 0-d torch tensors, NumPy scalars/arrays
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def check_length_floor_weight(weight: Any, name: str = "length_floor_weight") -> float:
     """``weight`` as a float; ValueError unless it is a number in [0, 1]."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+    value = real_number(weight)
+    if value is None or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} is a number in [0, 1], got {weight!r}")
-    return float(weight)
+    return value
+
+
+def check_halt_threshold(threshold: Any) -> float | None:
+    """``halt_threshold`` as a float (None stays None); ValueError unless it is a non-negative number."""
+    if threshold is None:
+        return None
+    value = real_number(threshold)
+    if value is None or value < 0:
+        raise ValueError(f"halt_threshold must be a non-negative number (mean absolute pixel error in [0, 1] units; "
+                         f"an int or float, NumPy scalar or 0-d tensor), got {threshold!r}")
+    return value
 
 
 def _positive(config: Any, *names: str) -> None:

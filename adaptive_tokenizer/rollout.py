@@ -16,7 +16,8 @@ With ``length_threshold`` each image stops at the first iteration whose length s
 image that never meets it gets the iteration with the lowest score (the first one on ties). The score is the
 reconstruction's mean absolute pixel error ([0, 1] units) minus ``config.length_floor_weight`` times the base
 tokenizer's own error on that image (:func:`~adaptive_tokenizer.model.length_score`; the plain error when the weight
-is 0, and the base's reconstruction is then not computed). Images that stop leave the batch, so they cost nothing
+is 0, and the base's reconstruction is then not computed). A score that is not finite (a model whose weights
+overflow) raises ValueError rather than leaving the image without tokens. Images that stop leave the batch, so they cost nothing
 more. Each image is decided on its own: results do not depend on what else is in the batch.
 
 Work is done only where the request needs it: without halting or a length threshold, neither the decoder nor the
@@ -193,6 +194,12 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
                     tokens[image] = step_tokens[row].clone()
             continue
         error_cpu, score_cpu = error.cpu(), score.cpu()
+        not_finite = ~torch.isfinite(score_cpu)
+        if not_finite.any():  # NaN compares False with everything: no length would ever be chosen
+            row = int(not_finite.nonzero()[0])
+            raise ValueError(f"the model's reconstruction of image {int(active[row])} of the batch at {t + 1} "
+                             f"iterations has a non-finite error ({float(error_cpu[row])}): the model's weights "
+                             "overflow, so no length can be chosen")
         for row, image in enumerate(active.tolist()):
             if score_cpu[row] < best_score[image]:
                 best_score[image], best_error[image] = score_cpu[row], error_cpu[row]

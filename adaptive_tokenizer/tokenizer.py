@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +15,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .config import ModelConfig, check_length_floor_weight
+from .config import ModelConfig, check_halt_threshold, check_length_floor_weight
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, load_images
+from .io_utils import write_atomic
 from .model import ALITModel
 from .rollout import IterationRecord, rollout
 
@@ -129,7 +129,7 @@ class AdaptiveTokenizer:
         write_atomic(Path(directory) / CARD_NAME, card.encode())
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
-        device = torch.device(device if device is not None else "cpu")
+        device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device)
         self.model.to(device=device, dtype=dtype)
         return self
@@ -178,12 +178,7 @@ class AdaptiveTokenizer:
         ``length_floor_weight``: that weight for this call, in [0, 1] (default: the model's).
         """
         num_iterations = self._iterations_for(max_tokens, budget)
-        if halt_threshold is not None:
-            if isinstance(halt_threshold, bool) or not isinstance(halt_threshold, (int, float)) \
-                    or not np.isfinite(halt_threshold) or halt_threshold < 0:
-                raise ValueError(f"halt_threshold must be a non-negative number (mean absolute pixel error in "
-                                 f"[0, 1] units), got {halt_threshold!r}")
-            halt_threshold = float(halt_threshold)
+        halt_threshold = check_halt_threshold(halt_threshold)
         if length_floor_weight is not None:
             length_floor_weight = check_length_floor_weight(length_floor_weight)
         pixels = load_images(images, self.config.image_size)
@@ -260,6 +255,11 @@ class AdaptiveTokenizer:
                         output[index] = pixels[row]
         return torch.stack(output)  # type: ignore[arg-type]
 
+    def check_tokens(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray) -> list[Tensor]:
+        """What :meth:`decode` checks, without decoding: the per-image sequences (int64 ids or float32 vectors, on
+        the CPU), or decode's ValueError/TypeError naming the first bad sequence by its index in ``tokens``."""
+        return self._token_sequences(tokens)
+
     # ---- helpers -------------------------------------------------------------------------------------------
     def _halting_threshold(self) -> float | None:
         return self.config.dynamic_halting_threshold if self.config.dynamic_halting else None
@@ -316,10 +316,10 @@ class AdaptiveTokenizer:
             if seq.dim() != 1 or seq.dtype == torch.bool or seq.is_floating_point() or seq.is_complex():
                 raise ValueError(f"{where}: expected a 1-D integer tensor ({self._token_form()}), got "
                                  f"shape {tuple(seq.shape)} dtype {seq.dtype}")
+            seq = seq.to(torch.long)  # before comparing: codebook_size may not fit a small dtype (uint8, int8)
             if len(seq) and (seq.min() < 0 or seq.max() >= config.codebook_size):
                 raise ValueError(f"{where}: token ids must lie in [0, {config.codebook_size}), got range "
                                  f"[{int(seq.min())}, {int(seq.max())}]")
-            seq = seq.to(torch.long)
         else:
             if seq.dim() != 2 or not seq.is_floating_point() or seq.shape[1] != config.latent_dim:
                 raise ValueError(f"{where}: expected a float tensor [L, {config.latent_dim}], got shape "
@@ -332,6 +332,21 @@ class AdaptiveTokenizer:
             raise ValueError(f"{where}: has {len(seq)} tokens; this model decodes {per} to {config.max_tokens} "
                              f"tokens in multiples of {per}")
         return seq.cpu()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default CPU) as a torch device this machine has; ValueError naming what is missing otherwise."""
+    try:
+        resolved = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if resolved.type not in available or not available[resolved.type]:
+        raise ValueError(f"device {device!r} is not available here (this machine has: "
+                         f"{', '.join(k for k, v in available.items() if v)})")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -364,15 +379,17 @@ def load_model_files(directory: str | os.PathLike) -> tuple[ModelConfig, dict[st
 
 
 def check_weights(config: ModelConfig, weights: dict[str, Tensor], source: str) -> None:
-    """Raise ValueError naming every missing, unexpected or mis-shaped tensor."""
+    """Raise ValueError naming every missing, unexpected, mis-shaped or non-finite tensor."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in ALITModel(config).state_dict().items()}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(f"{k}: {tuple(weights[k].shape)} != {tuple(s)}" for k, s in expected.items()
                    if k in weights and weights[k].shape != s)
+    not_finite = sorted(k for k, v in weights.items()
+                        if k in expected and v.is_floating_point() and not torch.isfinite(v).all())
     problems = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
-                f"wrong shapes {wrong}" if wrong else ""]
+                f"wrong shapes {wrong}" if wrong else "", f"NaN or infinite values in {not_finite}" if not_finite else ""]
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(f"{source} does not match its config: " + "; ".join(problems))
@@ -382,20 +399,8 @@ def save_model_files(directory: str | os.PathLike, config: ModelConfig, weights:
     """Write ``config.json`` + ``model.safetensors``; each file appears complete or not at all."""
     check_weights(config, weights, "weights to save")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     contents = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
                 CONFIG_NAME: config.to_json_string().encode()}
     for name, data in contents.items():
-        write_atomic(directory / name, data)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_atomic(directory / name, data, parents=True)

@@ -303,3 +303,47 @@ def test_bfloat16_on_cpu_and_dtype_errors(converted_dirs, images):
         AdaptiveTokenizer.from_pretrained(converted_dirs["A"], dtype=torch.float16)
     with pytest.raises(ValueError, match="unknown dtype"):
         AdaptiveTokenizer.from_pretrained(converted_dirs["A"], dtype="int8")
+
+
+@pytest.mark.parametrize("threshold", [np.float32(0.5), np.float64(0.5), np.int64(1), torch.tensor(0.5),
+                                       torch.tensor(0.5, dtype=torch.float16), 0.5, 1])
+def test_halt_threshold_accepts_any_real_number(tok_a, images, threshold):
+    expected = tok_a.encode(images[2], halt_threshold=float(threshold), max_tokens=64)
+    result = tok_a.encode(images[2], halt_threshold=threshold, max_tokens=64)
+    assert result.num_tokens.tolist() == expected.num_tokens.tolist()
+
+
+@pytest.mark.parametrize("threshold", [np.bool_(True), np.float32("nan"), torch.tensor(-0.5), torch.tensor([0.5]),
+                                       np.array([0.5]), float("inf"), 1j, "0.5"])
+def test_halt_threshold_rejects_what_is_not_a_non_negative_number(tok_a, images, threshold):
+    with pytest.raises(ValueError, match="halt_threshold must be a non-negative number"):
+        tok_a.encode(images[0], halt_threshold=threshold)
+
+
+def test_non_finite_model_output_is_a_clear_error(converted_dirs, images):
+    """Weights that overflow give NaN reconstructions: the length choice says so instead of crashing."""
+    tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
+    with torch.no_grad():
+        tok.model.base.decoder.conv_out.bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match="non-finite error"):
+        tok.encode(images, halt_threshold=0.05, max_tokens=64)
+
+
+def test_non_finite_weights_are_refused_at_load(converted_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+    directory = tmp_path / "nan_model"
+    directory.mkdir()
+    (directory / "config.json").write_text((converted_dirs["A"] / "config.json").read_text())
+    weights = load_file(converted_dirs["A"] / "model.safetensors")
+    weights["decoder.norm_pre.weight"][0] = float("nan")
+    save_file(weights, directory / "model.safetensors")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in \['decoder.norm_pre.weight'\]"):
+        AdaptiveTokenizer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("device", ["toaster", "cuda:7", "meta", 3, "mps"])
+def test_unavailable_device_is_a_value_error(converted_dirs, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        device = "toaster"
+    with pytest.raises(ValueError, match="device"):
+        AdaptiveTokenizer.from_pretrained(converted_dirs["A"], device=device)
