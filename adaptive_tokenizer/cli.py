@@ -7,6 +7,9 @@ halt threshold was used, ``errors`` (float32 ``[N]``). Their metadata holds ``fo
 
 User errors (bad arguments, missing files, bad token files, anything the library rejects with ValueError,
 FileNotFoundError or TypeError) print one line ``adaptive-tokenizer: error: ...`` and exit with status 2.
+Outputs are all-or-nothing: every file goes through :func:`~adaptive_tokenizer.io_utils.write_atomic`, ``decode``
+fills a staged directory, a failed command leaves no new file or directory, and an output that is also an input
+is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from .convert import convert_checkpoint
 from .evaluate import evaluate_folder, format_table, parse_thresholds
 from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
-from .tokenizer import AdaptiveTokenizer, EncodeResult, write_atomic
+from .io_utils import png_bytes, refuse_inputs_as_outputs, staged_directory, write_atomic
+from .tokenizer import AdaptiveTokenizer, EncodeResult
 
 PROG = "adaptive-tokenizer"
 TOKEN_FORMAT = "adaptive-tokenizer-tokens/1"
@@ -64,9 +68,7 @@ def save_token_file(path: str | os.PathLike, result: EncodeResult, sources: Sequ
     if result.errors is not None:
         tensors["errors"] = result.errors.to(torch.float32).contiguous()
     metadata = {"format": TOKEN_FORMAT, "latent_kind": latent_kind, "sources": json.dumps([str(s) for s in sources])}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save(tensors, metadata=metadata))
+    write_atomic(path, save(tensors, metadata=metadata), parents=True)
 
 
 def load_token_file(path: str | os.PathLike) -> tuple[list[Tensor], list[str]]:
@@ -100,9 +102,13 @@ def _split_tokens(where: str, tensors: dict[str, Tensor], metadata: dict[str, st
         raise ValueError(f"{where}: latent_kind metadata is {kind!r}, expected 'quantized' or 'continuous'")
     if tokens.dim() != expected_dims:
         raise ValueError(f"{where}: {kind} tokens must have {expected_dims} dims, got shape {tuple(tokens.shape)}")
-    if num_tokens.dim() != 1 or num_tokens.dtype != torch.int64 or (num_tokens < 0).any():
+    if num_tokens.dim() != 1 or num_tokens.dtype != torch.int64:
         raise ValueError(f"{where}: num_tokens must be a 1-D int64 tensor of lengths, got shape "
                          f"{tuple(num_tokens.shape)} dtype {num_tokens.dtype}")
+    if (num_tokens < 0).any():
+        first = int((num_tokens < 0).nonzero()[0])
+        raise ValueError(f"{where}: num_tokens must be non-negative lengths, got {int(num_tokens[first])} for "
+                         f"image {first}")
     if int(num_tokens.sum()) != tokens.shape[0]:
         raise ValueError(f"{where}: num_tokens sums to {int(num_tokens.sum())} but tokens holds {tokens.shape[0]}")
     try:
@@ -191,6 +197,7 @@ def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, 
 # ---- subcommands ---------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert an authors' checkpoint into a model directory."""
+    refuse_inputs_as_outputs([Path(args.out_dir) / name for name in MODEL_FILES], [args.checkpoint])
     config = convert_checkpoint(args.checkpoint, args.out_dir, encoder_heads=args.encoder_heads,
                                 decoder_heads=args.decoder_heads, dynamic_halting=not args.no_dynamic_halting,
                                 dynamic_halting_threshold=args.halting_threshold)
@@ -207,6 +214,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode images into one token file."""
     sources = collect_images(args.inputs)
+    refuse_inputs_as_outputs([args.output], sources)
     tok = load_tokenizer(args)
     tok.batch_size = args.batch_size
     result = encode_paths(tok, sources, args.batch_size, max_tokens=args.max_tokens,
@@ -227,14 +235,19 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if file_kind != tok.config.latent_kind:
         raise UsageError(f"{args.tokens} holds {file_kind} tokens but the model {model_label(args)} is "
                          f"{tok.config.latent_kind}")
+    try:
+        sequences = tok.check_tokens(sequences)  # every sequence, before any image is written
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{args.tokens}: {err} (counting the file's images from 0)") from None
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(sources)
-    with tqdm(total=len(sequences), unit="img", desc="decoding", file=sys.stderr, disable=None) as bar:
+    refuse_inputs_as_outputs([out_dir, *(out_dir / name for name in names)], [args.tokens])
+    with staged_directory(out_dir) as staging, \
+            tqdm(total=len(sequences), unit="img", desc="decoding", file=sys.stderr, disable=None) as bar:
         for start in range(0, len(sequences), args.batch_size):
             pixels = tok.decode(sequences[start : start + args.batch_size])
             for offset, image in enumerate(pixels):
-                to_pil(image).save(out_dir / names[start + offset])
+                write_atomic(staging / names[start + offset], png_bytes(to_pil(image)))
             bar.update(len(pixels))
     print(f"decoded {len(sequences)} images -> {out_dir}")
     return 0
@@ -242,14 +255,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Write a strip: the preprocessed input, then the reconstruction at every budget."""
+    refuse_inputs_as_outputs([args.output], [args.image])
     tok = load_tokenizer(args)
     image = load_images(args.image, tok.config.image_size)  # [1, 3, R, R], what the model sees
     pixels, errors = tok.reconstructions(image, max_tokens=args.max_tokens)
     budgets = [tok.tokens_per_iteration * (i + 1) for i in range(pixels.shape[1])]
     labels = ["input"] + [f"{n} tok  L1 {e:.3f}" for n, e in zip(budgets, errors[0].tolist())]
     strip = labelled_strip([to_pil(image[0])] + [to_pil(p) for p in pixels[0]], labels)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    strip.save(args.output, format="PNG")
+    write_atomic(args.output, png_bytes(strip), parents=True)
     for label in labels[1:]:
         print(label)
     print(f"wrote {args.output} ({strip.width}x{strip.height})")
@@ -261,6 +274,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.folder):
         raise FileNotFoundError(f"no such folder: {args.folder}")
+    refuse_inputs_as_outputs([args.output], [args.folder])
     thresholds = parse_thresholds(args.thresholds) if args.thresholds is not None else None
     tok = load_tokenizer(args)
     tok.batch_size = args.batch_size
@@ -269,9 +283,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for flag, value in (("--model", args.model), ("--max-images", args.max_images), ("--thresholds", args.thresholds),
                         ("--max-tokens", args.max_tokens), ("--dtype", args.dtype)):
         command += [flag, str(value)] if value is not None else []
-    report = evaluate_folder(tok, args.folder, args.output, max_images=args.max_images, thresholds=thresholds,
-                             batch_size=args.batch_size, max_tokens=args.max_tokens, model_name=model_label(args),
-                             command=command)
+    with staged_directory(args.output) as staging:  # report.json and the figures appear together, or not at all
+        report = evaluate_folder(tok, args.folder, staging, max_images=args.max_images, thresholds=thresholds,
+                                 batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                 model_name=model_label(args), command=command)
     print(format_table(report))
     print(f"wrote {Path(args.output) / 'report.json'} and {len(report['figures'])} figures "
           f"({report['metadata']['elapsed_s']:.1f} s)")

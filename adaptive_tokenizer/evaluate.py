@@ -67,6 +67,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
+from .io_utils import png_bytes, write_atomic
 from .tokenizer import AdaptiveTokenizer
 
 REPORT_FORMAT = "adaptive-tokenizer-evaluation/1"
@@ -592,12 +593,13 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
         base_pixels = base_reconstruction(tok, inputs)
         panels.update({i: _panels(inputs[k], pixels[k], base_pixels[k]) for k, i in enumerate(missing)})
     grid_rows = [(paths[i].name, complexity[i], panels[i], l1[i].tolist(), float(base[i, 0])) for i in grid_indices]
-    _grid_figure(grid_rows, budgets).save(out_dir / FIGURES["grid"], format="PNG")
-    _l1_figure(fixed, ceiling, levels, target_index, budgets, target_tokens).save(out_dir / FIGURES["l1_vs_tokens"],
-                                                                                  format="PNG")
-    _histogram_figure(levels, target_index, budgets).save(out_dir / FIGURES["lengths_histogram"], format="PNG")
-    _complexity_figure(complexity, target_lengths, target_level, complexity_stats["spearman_length_vs_complexity"],
-                       budgets).save(out_dir / FIGURES["length_vs_complexity"], format="PNG")
+    figures = {"grid": _grid_figure(grid_rows, budgets),
+               "l1_vs_tokens": _l1_figure(fixed, ceiling, levels, target_index, budgets, target_tokens),
+               "lengths_histogram": _histogram_figure(levels, target_index, budgets),
+               "length_vs_complexity": _complexity_figure(complexity, target_lengths, target_level,
+                                                          complexity_stats["spearman_length_vs_complexity"], budgets)}
+    for key, figure in figures.items():
+        write_atomic(out_dir / FIGURES[key], png_bytes(figure))
 
     config = tok.config
     report = {
@@ -644,7 +646,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     report["metadata"]["elapsed_s"] = round(time.perf_counter() - started, 3)
     report = _json_ready(report)
     text = json.dumps(report, indent=1, allow_nan=False)
-    (out_dir / "report.json").write_text(text + "\n")
+    write_atomic(out_dir / "report.json", (text + "\n").encode())
     return report
 
 

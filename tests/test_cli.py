@@ -302,3 +302,64 @@ def test_python_m_entry_point(model_dirs, image_dir, tmp_path):
     bad = _python_m("encode", "--model", model_dirs["A"], image_dir, "-o", tmp_path / "u.safetensors", "--budget", "0")
     assert_user_error(bad.returncode, bad.stderr, "max_tokens/budget")
     assert not (tmp_path / "u.safetensors").exists()
+
+
+# ---- all-or-nothing outputs ------------------------------------------------------------------------------------
+def test_decode_checks_every_image_before_writing(capsys, model_dirs, tmp_path):
+    """A bad id in image 18 of 20: named by its index in the file, and no PNG (nor the folder) is written."""
+    ids = torch.randint(0, 128, (20, 32), generator=torch.Generator().manual_seed(0))
+    ids[18, 5] = 999
+    result = EncodeResult(tokens=list(ids), num_tokens=torch.full((20,), 32))
+    save_token_file(tmp_path / "t.safetensors", result, [f"im{i}.png" for i in range(20)], "quantized")
+    code, _, err = run(capsys, "decode", "--model", model_dirs["A"], tmp_path / "t.safetensors", "-o",
+                       tmp_path / "out" / "pngs")
+    assert_user_error(code, err, "token sequence 18", "[0, 128)", "t.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no folder, no staging leftovers
+
+
+def test_decode_into_an_existing_folder_adds_its_files(capsys, model_dirs, tokens_a, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "decode", "--model", model_dirs["A"], tokens_a, "-o", tmp_path)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["img0.png", "img1.png", "img2.png", "keep.txt"]
+
+
+@pytest.mark.parametrize("command", ["encode", "reconstruct"])
+def test_output_that_is_an_input_is_refused(capsys, model_dirs, image_dir, tmp_path, command):
+    image = tmp_path / "c.png"
+    image.write_bytes((image_dir / "img0.png").read_bytes())
+    before = image.read_bytes()
+    code, _, err = run(capsys, command, "--model", model_dirs["A"], image, "-o", image)
+    assert_user_error(code, err, "is also an input")
+    assert image.read_bytes() == before
+
+
+def test_negative_num_tokens_is_named(tmp_path):
+    save_file({"tokens": torch.zeros(32, dtype=torch.long), "num_tokens": torch.tensor([64, -32])},
+              tmp_path / "t.safetensors", metadata={"format": TOKEN_FORMAT, "latent_kind": "quantized",
+                                                    "sources": json.dumps(["a.png", "b.png"])})
+    with pytest.raises(ValueError, match="non-negative lengths, got -32 for image 1"):
+        load_token_file(tmp_path / "t.safetensors")
+
+
+# A full disk, for real: the subprocess may write files of at most FILE_LIMIT bytes (RLIMIT_FSIZE; a write past it
+# fails with EFBIG), less than any of these outputs needs.
+FULL_DISK = """
+import resource, signal, sys
+from adaptive_tokenizer.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "decode"])
+def test_full_disk_leaves_no_partial_output(model_dirs, image_dir, tokens_a, tmp_path, command):
+    out = tmp_path / "out" / ("strip.png" if command == "reconstruct" else "pngs")
+    source = image_dir / "img0.png" if command == "reconstruct" else tokens_a
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, command, "--model", str(model_dirs["A"]), str(source),
+                           "-o", str(out)], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert_user_error(done.returncode, done.stderr, "File too large")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the folders made for it

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptive_tokenizer.tokenizer import write_atomic
+from adaptive_tokenizer.io_utils import write_atomic
 
 
 # ---- setup ---------------------------------------------------------------------------------------------------
