@@ -86,24 +86,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     try:
-        if image.mode.startswith("I") or image.mode == "F":
-            values = np.asarray(image, dtype=np.float64)
-            if not np.isfinite(values).all():
-                raise ValueError(f"a PIL image of mode {image.mode!r} holds NaN or infinite values")
-            if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-                values = values / 257.0
-            elif image.mode == "F" and values.max(initial=0) <= 1.0:
-                values = values * 255.0
-            image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-        elif image.mode == "P":
-            image = image.convert("RGBA")
-        return image.convert("RGB")
-    except ValueError as err:
-        if "NaN" in str(err):
-            raise
-        raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from None
+        if not (image.mode.startswith("I") or image.mode == "F"):
+            return (image.convert("RGBA") if image.mode == "P" else image).convert("RGB")
+        values = np.asarray(image, dtype=np.float64)
     except _PIL_ERRORS as err:
-        raise ValueError(f"cannot read the pixels of a PIL image of mode {image.mode!r}: {err}") from None
+        raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from None
+    if not np.isfinite(values).all():
+        raise ValueError(f"a PIL image of mode {image.mode!r} holds NaN or infinite values")
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
 
 
 def _resized_size(height: int, width: int, size: int) -> tuple[int, int]:
