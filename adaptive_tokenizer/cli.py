@@ -198,9 +198,10 @@ def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert an authors' checkpoint into a model directory."""
     refuse_inputs_as_outputs([Path(args.out_dir) / name for name in MODEL_FILES], [args.checkpoint])
-    config = convert_checkpoint(args.checkpoint, args.out_dir, encoder_heads=args.encoder_heads,
-                                decoder_heads=args.decoder_heads, dynamic_halting=not args.no_dynamic_halting,
-                                dynamic_halting_threshold=args.halting_threshold)
+    with staged_directory(args.out_dir) as staging:  # config and weights appear together, or not at all
+        config = convert_checkpoint(args.checkpoint, staging, encoder_heads=args.encoder_heads,
+                                    decoder_heads=args.decoder_heads, dynamic_halting=not args.no_dynamic_halting,
+                                    dynamic_halting_threshold=args.halting_threshold)
     latent = (f"quantized ({config.codebook_size} codes, {config.token_dim}-d)" if config.quantized
               else f"continuous ({config.latent_dim}-d vectors)")
     halting = f"on (p >= {config.dynamic_halting_threshold})" if config.dynamic_halting else "off"
