@@ -9,6 +9,7 @@ from adaptive_tokenizer.latent_model import block_causal_mask
 from adaptive_tokenizer.rollout import rollout
 
 from .oracle import plain_rollout
+from .tolerances import decode_atol, network_atol
 
 
 def small_model(**changes) -> ALITModel:
@@ -162,7 +163,9 @@ def test_incremental_equals_block_causal_single_pass(cached_model, pixels, halti
                 halted[:, t + 1] = halted[:, t] | records[t].halt_mask
             assert halted[:, 1:].any() and not halted[:, 1:].all()  # halting really acts
         single_pass = cached_model.encoder.forward_block_causal(prefix, 4, halted)
-    torch.testing.assert_close(records[-1].latents, single_pass, atol=1e-5, rtol=0)
+    # 4 incremental iterations vs one block-causal pass: the same sums in another order (tests/tolerances.py)
+    tol = network_atol([cached_model.encoder], scale=single_pass.abs().max())
+    torch.testing.assert_close(records[-1].latents, single_pass, atol=tol, rtol=0)
 
 
 def test_smaller_budgets_are_prefixes(cached_model, pixels):
@@ -205,7 +208,7 @@ def test_torch_compile_gives_the_eager_tokens(pixels):
         a, b = eager.encode(pixels, **kwargs), compiled.encode(pixels, **kwargs)
         assert a.num_tokens.tolist() == b.num_tokens.tolist()
         assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
-    torch.testing.assert_close(eager.decode(a), compiled.decode(b), atol=1e-4, rtol=0)
+    torch.testing.assert_close(eager.decode(a), compiled.decode(b), atol=decode_atol(eager), rtol=0)
 
 
 def test_bfloat16_rollouts_run(pixels):
