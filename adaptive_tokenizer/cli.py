@@ -31,6 +31,7 @@ from .convert import convert_checkpoint
 from .evaluate import evaluate_folder, format_table, parse_thresholds
 from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
+from .length_rules import LENGTH_RULES
 from .tokenizer import AdaptiveTokenizer, EncodeResult, write_atomic
 
 PROG = "adaptive-tokenizer"
@@ -170,7 +171,7 @@ def output_names(sources: Sequence[str], suffix: str = ".png") -> list[str]:
 
 
 def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
-                 halt_threshold: float | None, length_floor_weight: float | None = None) -> EncodeResult:
+                 halt_threshold: float | None, length_rule: str | None = None) -> EncodeResult:
     """``tok.encode`` over ``paths`` in batches (so only a batch of images is in memory), with a progress bar."""
     parts: list[EncodeResult] = []
     # disable=None: the bar shows only when stderr is a terminal (no clutter in logs or captured output)
@@ -178,14 +179,14 @@ def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, 
         for start in range(0, len(paths), batch_size):
             batch = list(paths[start : start + batch_size])
             parts.append(tok.encode(batch, max_tokens=max_tokens, halt_threshold=halt_threshold,
-                                    length_floor_weight=length_floor_weight))
+                                    length_rule=length_rule))
             bar.update(len(batch))
     errors = [part.errors for part in parts if part.errors is not None]
-    scores = [part.length_scores for part in parts if part.length_scores is not None]
+    predicted = [part.predicted_errors for part in parts if part.predicted_errors is not None]
     return EncodeResult(tokens=[t for part in parts for t in part.tokens],
                         num_tokens=torch.cat([part.num_tokens for part in parts]),
                         errors=torch.cat(errors) if errors else None,
-                        length_scores=torch.cat(scores) if scores else None)
+                        predicted_errors=torch.cat(predicted) if predicted else None)
 
 
 # ---- subcommands ---------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args)
     tok.batch_size = args.batch_size
     result = encode_paths(tok, sources, args.batch_size, max_tokens=args.max_tokens,
-                          halt_threshold=args.halt_threshold, length_floor_weight=args.length_floor_weight)
+                          halt_threshold=args.halt_threshold, length_rule=args.length_rule)
     save_token_file(args.output, result, sources, tok.config.latent_kind)
     lengths = result.num_tokens.float()
     error = f", mean L1 {result.errors.mean():.4f}" if result.errors is not None else ""
@@ -321,6 +322,24 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_length_predictor(args: argparse.Namespace) -> int:
+    """Fit a length predictor for a model on a set of photos and write the model with it."""
+    from .fit_length_predictor import fit_length_predictor
+
+    sources = collect_images(args.inputs)
+    tok = load_tokenizer(args)
+    with tqdm(total=len(sources), unit="img", desc="measuring", file=sys.stderr, disable=None) as bar:
+        report = fit_length_predictor(tok, sources, args.output, crops=args.crops, val_fraction=args.val_fraction,
+                                      seed=args.seed, measurements=args.measurements, steps=args.fit_steps,
+                                      progress=bar.update)
+    chosen = report["candidates"][[(c["features"], c["hidden"]) for c in report["candidates"]].index(
+        (report["selected"]["features"], report["selected"]["hidden"]))]
+    print(f"fitted a length predictor on {report['num_train_views']} views; held out {report['num_val_images']} "
+          f"images: lengths within one iteration of the exact rule {chosen['within_one']:.1%}, same "
+          f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f} -> {args.output}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Speed benchmark (see adaptive_tokenizer/bench.py); the last output line is a JSON summary."""
     try:
@@ -328,6 +347,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
     parse_device(args.device)
+    if args.rules:
+        from .bench import run_rules_benchmark
+
+        tok = AdaptiveTokenizer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        paths = list_image_files(args.images)
+        if not paths:
+            raise UsageError(f"no image files in {args.images}")
+        pixels = load_images([str(p) for p in paths[: args.batch]], tok.config.image_size)
+        run_rules_benchmark(tok, pixels, args.threads, args.target_tokens, args.repeats)
+        return 0
     run_benchmark(args.size, args.batch, args.threads, args.device, args.dtype, args.repeats, args.target_tokens,
                   budgets, per_image_check=not args.no_per_image_check)
     return 0
@@ -371,10 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
     length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
     p.add_argument("--halt-threshold", type=float, metavar="E",
-                   help="per-image length: fewest tokens whose length score (mean absolute pixel error minus the "
-                        "model's length_floor_weight x the base tokenizer's own) is <= E")
-    p.add_argument("--length-floor-weight", type=float, metavar="W",
-                   help="the length score's weight in [0, 1] for this run (default: the model's; 0: the authors' rule)")
+                   help="target error: each image gets the fewest tokens whose mean absolute pixel error is <= E")
+    p.add_argument("--length-rule", choices=LENGTH_RULES, default=None,
+                   help="how --halt-threshold lengths are found: exact (default; decode every length up to the "
+                        "answer), search (decode around the predicted length), predicted (the model's length "
+                        "predictor alone, no decoding)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
     p.set_defaults(func=cmd_encode)
 
@@ -422,6 +452,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", metavar="TEXT",
                        help=f"model card {flag.replace('-', ' ')} (default: from the manifest entry)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("fit-length-predictor", help="fit a length predictor (length_rule='predicted') for a "
+                       "model on photos; writes the model with it")
+    _model_options(p)
+    p.add_argument("inputs", nargs="+", metavar="PHOTOS", help="image files or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the model with its predictor")
+    p.add_argument("--crops", type=int, default=0, metavar="N",
+                   help="random crops per image, beside the centre crop and its mirror image (default: 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the images held out to select the predictor (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-steps", type=_positive_int, default=1500, metavar="N",
+                   help="optimizer steps per candidate head (default: 1500)")
+    p.add_argument("--measurements", metavar="FILE.safetensors",
+                   help="cache of the measured errors: written after measuring, read instead of measuring again")
+    p.set_defaults(func=cmd_fit_length_predictor)
 
     p = sub.add_parser("bench", help="speed benchmark: the authors' encode algorithm vs ours, same run")
     add_bench_arguments(p)
