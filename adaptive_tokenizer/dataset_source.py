@@ -38,11 +38,12 @@ def _is_stub(factory: Any) -> bool:
 class DatasetSource:
     """Inputs in a fixed order: ``keys`` (unique strings) and how to get each one's image."""
 
-    kind: str  # "folder", "list" or "hf_dataset"
+    kind: str  # "folder", "list", "hf_dataset" or "ray_dataset"
     description: str  # for messages and the index file: the folder, the list file, the dataset's repr
     keys: Sequence[str]
-    _images: Any  # folder/list: the paths (list[str]); hf_dataset: the dataset
+    _images: Any  # folder/list: the paths (list[str]); hf_dataset, ray_dataset: the dataset
     image_column: str | None = None
+    key_column: str | None = None  # ray_dataset: the column holding the keys
     fingerprint: str | None = None  # hf_dataset: its fingerprint (its content), recorded in the identity
 
     def __len__(self) -> int:
@@ -52,11 +53,14 @@ class DatasetSource:
         """Input ``position``: a path, or the dataset row's image (PIL image, array or tensor)."""
         if self.kind == "hf_dataset":
             return _dataset_image(self._images[position][self.image_column])
+        if self.kind == "ray_dataset":
+            raise TypeError("a ray.data.Dataset has no random access; the Ray engine reads its rows")
         return self._images[position]
 
-    def path(self, position: int) -> str | None:
-        """The file of input ``position`` (None for dataset rows)."""
-        return None if self.kind == "hf_dataset" else self._images[position]
+    @property
+    def dataset(self) -> Any:
+        """The ``datasets.Dataset`` or ``ray.data.Dataset`` of a dataset source."""
+        return self._images
 
     @property
     def identity(self) -> dict[str, Any]:

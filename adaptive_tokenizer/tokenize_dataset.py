@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .dataset_source import DatasetSource, open_source
-from .image_io import load_images
+from .image_io import ImageInput, load_images
 from .token_shards import (FORMAT, Failure, ShardStats, check_same_job, finished_shards, read_index, read_stats,
                            remove_stale_temporaries, shard_table, write_errors, write_index, write_shard)
 from .tokenizer import AdaptiveTokenizer
@@ -160,10 +160,15 @@ class ShardAssembler:
 
 
 def read_pixels(source: DatasetSource, position: int, image_size: int) -> Tensor | str:
-    """Input ``position`` as the model sees it (``[3, S, S]`` float32, through the library's own loader, so tokens
-    equal ``tok.encode(path)``), or why it cannot be read."""
+    """Input ``position`` as the model sees it, or why it cannot be read (see :func:`decode_image`)."""
+    return decode_image(lambda: source.image(position), image_size)
+
+
+def decode_image(get_image: Callable[[], ImageInput], image_size: int) -> Tensor | str:
+    """``get_image()`` as the model sees it (``[3, S, S]`` float32, through the library's own loader, so tokens
+    equal ``tok.encode(path)``), or why it cannot be read: ``"ExceptionType: message"``."""
     try:
-        return load_images([source.image(position)], image_size)[0]
+        return load_images([get_image()], image_size)[0]
     except Exception as err:  # noqa: BLE001 - any unreadable input is recorded and skipped, never fatal
         message = " ".join(str(err).split())
         return f"{type(err).__name__}: {message}" if message else type(err).__name__
