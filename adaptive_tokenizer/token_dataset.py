@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .config import ModelConfig
 from .token_shards import ERRORS_NAME, INDEX_NAME, read_index, shard_name
 from .tokenizer import EncodeResult
 
@@ -50,9 +51,7 @@ class TokenDataset(Dataset):
             raise ValueError(f"the tokenize job in {self.directory} has not finished; rerun the same command to "
                              "complete it (or pass allow_incomplete=True to read the finished shards)")
         self.settings: dict[str, Any] = index["settings"]
-        config = self.settings["model"]["config"]
-        self.quantized = config["latent_kind"] == "quantized"
-        self.codebook_size: int | None = config["codebook_size"] if self.quantized else None
+        self.config = ModelConfig.from_dict(self.settings["model"]["config"])  # the tokenizer's (codebook_size, ...)
         self._paths, group_rows = [], []
         for shard in range(index["num_shards"]):
             path = self.directory / shard_name(shard)
@@ -85,7 +84,7 @@ class TokenDataset(Dataset):
         group = int(np.searchsorted(self._starts, index, side="right")) - 1
         table, row = self._row_group(group), index - int(self._starts[group])
         values = table.column("tokens")[row].values
-        if self.quantized:
+        if self.config.quantized:
             tokens = torch.from_numpy(values.to_numpy().astype(np.int64))
         else:
             tokens = torch.from_numpy(values.flatten().to_numpy().reshape(len(values), values.type.list_size).copy())

@@ -246,7 +246,7 @@ def test_continuous_model_vectors_round_trip(photo_dir, tok_b, tmp_path):
 def test_token_dataset_rows_and_collate(budget_run, tok_a):
     data = TokenDataset(budget_run, cache_row_groups=1)
     rows = read_rows(budget_run)
-    assert len(data) == len(rows) == 14 and data.codebook_size == tok_a.config.codebook_size
+    assert len(data) == len(rows) == 14 and data.config == tok_a.config
     for index in (13, 0, 7, -1):
         assert data[index]["key"] == rows[index]["key"]
         assert data[index]["tokens"].tolist() == rows[index]["tokens"] and data[index]["tokens"].dtype == torch.int64
