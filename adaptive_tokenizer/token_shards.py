@@ -9,8 +9,9 @@
 - ``num_tokens`` (int32); for adaptive runs (``halt_threshold``) also ``error`` and ``length_score`` (float32): the
   reconstruction's mean absolute pixel error at the chosen length and what the threshold was compared with.
 
-Each shard's Parquet metadata (key ``adaptive_tokenizer``) holds the job's settings, the shard's position and the
-inputs it skipped (key and reason). ``index.json`` holds the settings, the shard count and, once every shard is
+Each shard's Parquet metadata (key ``adaptive_tokenizer``) holds the job's settings (model config and weights
+sha256, encode arguments, shard size, source identity, library version), the model's name, the shard's position
+and the inputs it skipped (key and reason). ``index.json`` holds the settings, the shard count and, once every shard is
 written, the totals; ``errors.jsonl`` one ``{"index", "key", "reason"}`` line per skipped input. A shard is
 written to a temporary name and renamed, so a shard file present is a complete shard.
 """
@@ -91,11 +92,11 @@ def shard_table(indices: Sequence[int], keys: Sequence[str], tokens: Sequence[Te
 
 
 def write_shard(directory: Path, shard: int, table: pa.Table, failures: Sequence[Failure],
-                settings: dict[str, Any]) -> ShardStats:
-    """Write shard ``shard`` atomically (it appears complete or not at all), its settings and skipped inputs in
-    its metadata."""
+                settings: dict[str, Any], about: dict[str, str] | None = None) -> ShardStats:
+    """Write shard ``shard`` atomically (it appears complete or not at all), with the job's settings, ``about``
+    (model name, source description: recorded, not compared) and the skipped inputs in its metadata."""
     stats = ShardStats(shard, table.num_rows, int(table["num_tokens"].to_numpy().sum()), list(failures))
-    info = {"format": FORMAT, "settings": settings, "shard": shard, "rows": stats.rows, "tokens": stats.tokens,
+    info = {"format": FORMAT, "settings": settings, **(about or {}), "shard": shard, "rows": stats.rows, "tokens": stats.tokens,
             "failures": [f.__dict__ for f in failures]}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
     buffer = pa.BufferOutputStream()

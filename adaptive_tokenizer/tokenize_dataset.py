@@ -77,12 +77,13 @@ class TokenizeSummary:
 
 
 # ---- the job: settings, shard plan, assembling rows into shards -------------------------------------------------
-def model_identity(tok: AdaptiveTokenizer, name: str) -> tuple[dict[str, Any], bytes]:
-    """``({"name", "config", "weights_sha256"}, weights)``: the sha256 is that of ``weights``, the float32 state dict
-    serialized as ``save_pretrained`` writes it (safetensors), so any copy of the same weights has the same hash."""
+def model_identity(tok: AdaptiveTokenizer) -> tuple[dict[str, Any], bytes]:
+    """``({"config", "weights_sha256"}, weights)``: the sha256 is that of ``weights``, the float32 state dict
+    serialized as ``save_pretrained`` writes it (safetensors), so any copy of the same weights has the same hash
+    (however the model was named or loaded)."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tok.model.state_dict().items()}
     weights = save(tensors, metadata={"format": "pt"})
-    return {"name": name, "config": tok.config.to_dict(), "weights_sha256": hashlib.sha256(weights).hexdigest()}, weights
+    return {"config": tok.config.to_dict(), "weights_sha256": hashlib.sha256(weights).hexdigest()}, weights
 
 
 def encode_settings(tok: AdaptiveTokenizer, encode_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -123,9 +124,9 @@ class ShardAssembler:
     """Collects encoded rows and failures (in any order) and writes each shard once all its inputs are in."""
 
     def __init__(self, directory: Path, source: DatasetSource, plan: ShardPlan, settings: dict[str, Any],
-                 latent_dim: int | None):
-        self.directory, self.source, self.plan, self.settings, self.latent_dim = (directory, source, plan, settings,
-                                                                                  latent_dim)
+                 about: dict[str, str], latent_dim: int | None):
+        self.directory, self.source, self.plan, self.latent_dim = directory, source, plan, latent_dim
+        self.settings, self.about = settings, about
         self._rows: dict[int, dict[int, tuple]] = {}
         self._failures: dict[int, dict[int, Failure]] = {}
         self.written: list[ShardStats] = []
@@ -154,7 +155,7 @@ class ShardAssembler:
                             [rows[p][1] for p in positions] if adaptive else None,
                             [rows[p][2] for p in positions] if adaptive else None, self.latent_dim)
         self.written.append(write_shard(self.directory, shard, table, [failures[p] for p in sorted(failures)],
-                                        self.settings))
+                                        self.settings, self.about))
         self._rows.pop(shard, None)
         self._failures.pop(shard, None)
 
@@ -210,8 +211,8 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
         source = ray_dataset_source(source, image_column)
     else:
         source = open_source(source, image_column)
-    tok, name = _load_model(model, device)
-    identity, weights = model_identity(tok, name)
+    tok, model_name = _load_model(model, device)
+    identity, weights = model_identity(tok)
     from . import __version__
 
     settings = {"library_version": __version__, "model": identity, "encode": encode_settings(tok, encode_kwargs),
@@ -219,14 +220,18 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
     settings = json.loads(json.dumps(settings))  # as stored (lists, not tuples), so comparisons are like for like
     directory = Path(output_dir)
     plan = ShardPlan(len(source), shard_size)
-    done = _prepare(directory, settings, plan, source)
-    assembler = ShardAssembler(directory, source, plan, settings,
+    about = {"model_name": model_name, "source_description": source.description}  # recorded, not compared
+    done = _prepare(directory, settings, about, plan)
+    assembler = ShardAssembler(directory, source, plan, settings, about,
                                None if tok.config.quantized else tok.config.latent_dim)
     pending = [k for k in range(plan.num_shards) if k not in done]
     start = time.perf_counter()
     if engine == "local":
-        tok.batch_size = batch_size
-        run_local(tok, source, plan, pending, assembler, settings["encode"], batch_size, workers or 2, progress)
+        tok_batch_size, tok.batch_size = tok.batch_size, batch_size
+        try:
+            run_local(tok, source, plan, pending, assembler, settings["encode"], batch_size, workers or 2, progress)
+        finally:
+            tok.batch_size = tok_batch_size
     else:
         from .ray_tokenize import run_ray
 
@@ -234,7 +239,7 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
                 cpus_per_worker, gpus_per_worker, progress)
     if assembler.open_shards:  # every input is a row or a failure; anything else is a bug
         raise RuntimeError(f"shards {assembler.open_shards} did not receive all their inputs")
-    return _finish(directory, settings, plan, source, done, assembler.written, time.perf_counter() - start,
+    return _finish(directory, settings, about, plan, done, assembler.written, time.perf_counter() - start,
                    sum(len(plan.positions(k)) for k in pending))
 
 
@@ -251,7 +256,7 @@ def _load_model(model: Any, device: str | torch.device | None) -> tuple[Adaptive
     return tok, str(model) if model is not None else "default"
 
 
-def _prepare(directory: Path, settings: dict[str, Any], plan: ShardPlan, source: DatasetSource) -> dict[int, Path]:
+def _prepare(directory: Path, settings: dict[str, Any], about: dict[str, str], plan: ShardPlan) -> dict[int, Path]:
     """Create or check the output folder; the shards finished by an earlier run of the same job."""
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory)
@@ -262,20 +267,19 @@ def _prepare(directory: Path, settings: dict[str, Any], plan: ShardPlan, source:
     extra = [k for k in shards if k >= plan.num_shards]
     if extra:
         raise ValueError(f"{directory} holds shards {extra} beyond this job's {plan.num_shards}")
-    write_index(directory, {"format": FORMAT, "settings": settings, "source_description": source.description,
-                            "num_shards": plan.num_shards, "complete": False})
+    write_index(directory, {"format": FORMAT, "settings": settings, **about, "num_shards": plan.num_shards,
+                            "complete": False})
     return shards
 
 
-def _finish(directory: Path, settings: dict[str, Any], plan: ShardPlan, source: DatasetSource,
-            done: dict[int, Path], written: list[ShardStats], seconds: float, images: int) -> TokenizeSummary:
+def _finish(directory: Path, settings: dict[str, Any], about: dict[str, str], plan: ShardPlan, done: dict[int, Path], written: list[ShardStats], seconds: float, images: int) -> TokenizeSummary:
     stats = sorted([read_stats(path) for path in done.values()] + written, key=lambda s: s.shard)
     failures = [f for s in stats for f in s.failures]
     write_errors(directory, failures)
     summary = TokenizeSummary(directory, plan.num_inputs, sum(s.rows for s in stats), len(failures),
                               sum(s.tokens for s in stats), len(written), len(done), images, seconds)
-    write_index(directory, {"format": FORMAT, "settings": settings, "source_description": source.description,
-                            "num_shards": plan.num_shards, "complete": True,
+    write_index(directory, {"format": FORMAT, "settings": settings, **about, "num_shards": plan.num_shards,
+                            "complete": True,
                             "shards": [{"file": f"part-{s.shard:05d}.parquet", "rows": s.rows, "tokens": s.tokens,
                                         "failed": len(s.failures)} for s in stats],
                             "totals": {"inputs": summary.num_inputs, "rows": summary.num_tokenized,

@@ -104,7 +104,7 @@ def test_broken_files_are_listed_with_reasons(budget_run):
         assert BROKEN[failure["key"]] in failure["reason"]
 
 
-def test_index_and_shard_metadata_record_the_job(budget_run, tok_a):
+def test_index_and_shard_metadata_record_the_job(budget_run, converted_dirs, tok_a):
     from adaptive_tokenizer import __version__
     from adaptive_tokenizer.token_shards import shard_info
 
@@ -117,8 +117,13 @@ def test_index_and_shard_metadata_record_the_job(budget_run, tok_a):
     assert settings["model"]["config"] == json.loads(tok_a.config.to_json_string())
     assert len(settings["model"]["weights_sha256"]) == 64
     assert settings["source"]["kind"] == "folder" and settings["source"]["num_inputs"] == 17
+    assert index["model_name"] == str(converted_dirs["A"])  # the --model argument: recorded, not compared
     info = shard_info(budget_run / "part-00000.parquet")
-    assert info["settings"] == settings and info["shard"] == 0
+    assert info["settings"] == settings and info["shard"] == 0 and info["model_name"] == index["model_name"]
+    # The same weights loaded another way continue the job (nothing left to do here).
+    again = tokenize_dataset(index["source_description"], budget_run, model=tok_a, encode_kwargs={"budget": 64},
+                             shard_size=4)
+    assert again.shards_reused == 5 and again.shards_written == 0
 
 
 def test_summary_line_and_exit_status(converted_dirs, photo_dir, budget_run, tmp_path, capsys):
