@@ -1,4 +1,4 @@
-"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,evaluate,info,models,push,bench}``.
+"""Command line: ``adaptive-tokenizer {convert,encode,tokenize,decode,reconstruct,evaluate,info,models,push,bench}``.
 
 Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
 for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
@@ -7,6 +7,7 @@ halt threshold was used, ``errors`` (float32 ``[N]``). Their metadata holds ``fo
 
 User errors (bad arguments, missing files, bad token files, anything the library rejects with ValueError,
 FileNotFoundError or TypeError) print one line ``adaptive-tokenizer: error: ...`` and exit with status 2.
+``tokenize`` exits with status 3 when the job completed but skipped inputs it could not read.
 """
 
 from __future__ import annotations
@@ -220,6 +221,25 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Tokenize a dataset into resumable Parquet shards (adaptive_tokenizer/tokenize_dataset.py)."""
+    try:
+        from .tokenize_dataset import tokenize_dataset
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    encode_kwargs = {"max_tokens": args.max_tokens, "halt_threshold": args.halt_threshold,
+                     "length_floor_weight": args.length_floor_weight}
+    summary = tokenize_dataset(args.source, args.output_dir, model=args.model, encode_kwargs=encode_kwargs,
+                               shard_size=args.shard_size, batch_size=args.batch_size, engine=args.engine,
+                               workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                               gpus_per_worker=args.gpus_per_worker, device=parse_device(args.device))
+    print(summary.line())
+    if summary.num_failed:
+        print(f"{summary.num_failed} inputs could not be read: see {Path(args.output_dir) / 'errors.jsonl'}",
+              file=sys.stderr)
+    return summary.exit_status
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode a token file into one PNG per image."""
     sequences, sources = load_token_file(args.tokens)
@@ -407,6 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "predictor alone, no decoding)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("tokenize", help="tokenize a dataset (folder or list of images) into resumable Parquet shards; "
+                                        "exit status 3 when some inputs could not be read")
+    p.add_argument("source", metavar="SOURCE", help="folder of images (searched recursively) or a text file listing "
+                                                    "image paths, one per line")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="Parquet shards, index.json and errors.jsonl; rerun the "
+                                                            "same command to resume")
+    p.add_argument("--model", metavar="MODEL", help=_MODEL_HELP + " (default: the embedded default model)")
+    p.add_argument("--device", default="cpu", help="torch device of the local engine (default: cpu)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
+    length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
+    p.add_argument("--halt-threshold", type=float, metavar="E", help="per-image length, as for `encode`")
+    p.add_argument("--length-floor-weight", type=float, metavar="W", help="as for `encode`")
+    p.add_argument("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
+                   help="inputs per Parquet shard (default: 10000)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process, images decoded by threads; ray: Ray Data actors on the cluster of "
+                        "RAY_ADDRESS or a local Ray (pip install 'adaptive-tokenizer[ray]')")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="local: image-decoding threads (default: 2); ray: model actors (default: 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="C",
+                   help="ray: CPUs reserved per actor, fractions allowed (default: 0.5)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="ray: GPUs per actor (default: 0, CPU actors); > 0 runs the model on CUDA")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("decode", help="decode a token file into PNG images")
     _model_options(p)
