@@ -228,7 +228,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UsageError(str(err)) from None
     encode_kwargs = {"max_tokens": args.max_tokens, "halt_threshold": args.halt_threshold,
-                     "length_floor_weight": args.length_floor_weight}
+                     "length_rule": args.length_rule}
     summary = tokenize_dataset(args.source, args.output_dir, model=args.model, encode_kwargs=encode_kwargs,
                                shard_size=args.shard_size, batch_size=args.batch_size, engine=args.engine,
                                workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -356,7 +356,7 @@ def cmd_fit_length_predictor(args: argparse.Namespace) -> int:
         (report["selected"]["features"], report["selected"]["hidden"]))]
     print(f"fitted a length predictor on {report['num_train_views']} views; held out {report['num_val_images']} "
           f"images: lengths within one iteration of the exact rule {chosen['within_one']:.1%}, same "
-          f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f} -> {args.output}")
+          f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f}; safety margin {report['selected']['margin']:g} -> {args.output}")
     return 0
 
 
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
     length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
     p.add_argument("--halt-threshold", type=float, metavar="E", help="per-image length, as for `encode`")
-    p.add_argument("--length-floor-weight", type=float, metavar="W", help="as for `encode`")
+    p.add_argument("--length-rule", choices=LENGTH_RULES, default=None, help="as for `encode`")
     p.add_argument("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
                    help="inputs per Parquet shard (default: 10000)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")

@@ -87,11 +87,14 @@ class LengthPredictorConfig:
     features and their distance to the nearest base code), ``class`` (the encoder's class-token output),
     ``image_tokens`` (mean/std of its 2D-token outputs), ``latents`` (mean/std of latent block 0).
     ``hidden``: width of the hidden layer (0: linear). ``num_inputs``: the feature size, fixed by the model.
+    ``margin``: the predicted rule takes the first length whose estimate times ``1 + margin`` is ``<=`` the target,
+    a safety margin against under-estimates (selected on held-out images when fitted).
     """
 
     features: tuple[str, ...] = PREDICTOR_FEATURES
     hidden: int = 64
     num_inputs: int = 0
+    margin: float = 0.0
 
     def validate(self) -> None:
         if not self.features or list(self.features) != [f for f in PREDICTOR_FEATURES if f in self.features]:
@@ -100,6 +103,8 @@ class LengthPredictorConfig:
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
             raise ValueError(f"LengthPredictorConfig.hidden must be an int >= 0, got {self.hidden!r}")
         _positive(self, "num_inputs")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 1:
+            raise ValueError(f"LengthPredictorConfig.margin must be a number in [0, 1], got {self.margin!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LengthPredictorConfig":

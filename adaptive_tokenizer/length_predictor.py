@@ -84,7 +84,7 @@ class LengthPredictor(nn.Module):
         if head.num_inputs != expected:
             raise ValueError(f"LengthPredictorConfig.num_inputs is {head.num_inputs}, but the features "
                              f"{list(head.features)} of this model have {expected} values")
-        self.groups = head.features
+        self.groups, self.margin = head.features, float(head.margin)
         self.register_buffer("feature_mean", torch.zeros(expected))
         self.register_buffer("feature_std", torch.ones(expected))
         outputs = config.max_iterations

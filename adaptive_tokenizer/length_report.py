@@ -92,8 +92,26 @@ def threshold_for_mean_length(table: Tensor, budgets: Sequence[int], target_toke
     return best
 
 
+def predicted_rule_at_mean_length(predicted: Tensor, errors: Tensor, budgets: Sequence[int], target_tokens: int,
+                                  margin: float) -> dict:
+    """The predicted rule (estimates ``[N, I]`` with ``margin``) at its own target for ``target_tokens`` mean
+    tokens, judged on the measured ``errors``: its target, choices, the share of images reaching it, the share a fixed
+    budget of ``target_tokens`` reaches at that target, and its agreement with the exact rule at that target."""
+    scaled = predicted * (1 + margin)
+    threshold = threshold_for_mean_length(scaled, budgets, target_tokens)
+    guess = choose_iterations(scaled, [threshold])[0]
+    exact = choose_iterations(errors, [threshold])[0]
+    fixed_index = int(np.argmin([abs(b - target_tokens) for b in budgets]))
+    limit = torch.tensor(threshold, dtype=errors.dtype)
+    return {"threshold": threshold, "chosen": guess, "fixed_budget": budgets[fixed_index],
+            "share": float((errors[torch.arange(len(guess)), guess] <= limit).double().mean()),
+            "fixed_share": float((errors[:, fixed_index] <= limit).double().mean()),
+            "same_length_as_exact": float((guess == exact).double().mean()),
+            "within_one_of_exact": float(((guess - exact).abs() <= 1).double().mean())}
+
+
 def rules_report(errors: Tensor, l1: Tensor, predicted: Tensor | None, complexity: np.ndarray,
-                 budgets: Sequence[int], target_tokens: int) -> dict:
+                 budgets: Sequence[int], target_tokens: int, margin: float = 0.0) -> dict:
     """Each rule at the target whose mean length is closest to ``target_tokens`` (its own target for the
     predicted rule), with the comparison a quality target asks for (share reaching it, fixed budget for the same
     share) and, for the predicted rule, how close its lengths and estimates are to the exact rule's."""
@@ -102,24 +120,19 @@ def rules_report(errors: Tensor, l1: Tensor, predicted: Tensor | None, complexit
     report = {"target_tokens": target_tokens, "exact": rule_summary(exact, errors, l1, exact_threshold, complexity,
                                                                     budgets)}
     report["exact"]["decodes_per_image"] = float((exact + 1).double().mean())
-    starts = (choose_iterations(predicted, [exact_threshold])[0] if predicted is not None
+    starts = (choose_iterations(predicted * (1 + margin), [exact_threshold])[0] if predicted is not None
               else torch.full((len(errors),), (len(budgets) - 1) // 2))
     search, decodes = search_choices(errors, starts.tolist(), exact_threshold, bisect=predicted is None)
     report["search"] = {**rule_summary(search, errors, l1, exact_threshold, complexity, budgets),
                         "decodes_per_image": float(decodes.double().mean()),
                         "same_length_as_exact": float((search == exact).double().mean())}
     if predicted is not None:
-        own = threshold_for_mean_length(predicted, budgets, target_tokens)
-        guess = choose_iterations(predicted, [own])[0]
-        at_exact = choose_iterations(predicted, [exact_threshold])[0]
-        own_exact = choose_iterations(errors, [own])[0]
-        fixed_index = int(np.argmin([abs(b - target_tokens) for b in budgets]))
-        fixed_share = float((errors[:, fixed_index] <= torch.tensor(own, dtype=errors.dtype)).double().mean())
+        own = predicted_rule_at_mean_length(predicted, errors, budgets, target_tokens, margin)
+        at_exact = choose_iterations(predicted * (1 + margin), [exact_threshold])[0]
         report["predicted"] = {
-            **rule_summary(guess, errors, l1, own, complexity, budgets),
-            "fixed_budget": budgets[fixed_index], "fixed_share_meeting_target": fixed_share,
-            "same_length_as_exact": float((guess == own_exact).double().mean()),
-            "within_one_of_exact": float(((guess - own_exact).abs() <= 1).double().mean()),
+            **rule_summary(own["chosen"], errors, l1, own["threshold"], complexity, budgets),
+            "margin": margin, "fixed_budget": own["fixed_budget"], "fixed_share_meeting_target": own["fixed_share"],
+            "same_length_as_exact": own["same_length_as_exact"], "within_one_of_exact": own["within_one_of_exact"],
             "at_exact_threshold": {"same_length_as_exact": float((at_exact == exact).double().mean()),
                                    "within_one_of_exact": float(((at_exact - exact).abs() <= 1).double().mean())},
             "predictor_mean_absolute_error": float((predicted - errors).abs().mean()),

@@ -14,8 +14,9 @@ find it:
   can rise again with more tokens) it may stop at a longer length, which also meets ``E``, or, for an image that
   no length brings to ``E``, take the longest rather than the lowest-error length. About half the decodes.
 * ``"predicted"``: the length predictor (``length_predictor.py``) estimates every length's error from what the
-  encoder computed at its first iteration; each image runs exactly the iterations its predicted length needs, with
-  no decoder and no pixel decode, as a fixed budget does. Its error is predicted, not measured.
+  encoder computed at its first iteration; each image takes the first length whose estimate, times ``1 + margin``
+  (the predictor's safety margin against under-estimates), meets ``E``, and runs exactly the iterations that
+  length needs, with no decoder and no pixel decode, as a fixed budget does. Its error is predicted, not measured.
 
 Every rule decides each image on its own: its length never depends on the rest of the batch, and a chosen length
 ``k`` gives exactly the tokens of ``encode(budget=k)``.
@@ -84,6 +85,12 @@ def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_it
     return model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
 
 
+def predicted_choice(predicted: Tensor, threshold: float, margin: float) -> Tensor:
+    """The predicted rule's iteration indices ``[N]``: the exact rule on the estimates ``[N, I]`` times
+    ``1 + margin`` (the predictor's safety margin)."""
+    return choose_iterations(predicted * (1 + margin), [threshold])[0]
+
+
 def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
     """The length predictor's estimate of every length's error ``[N, max_iterations]`` (one encoder iteration)."""
     if model.length_predictor is None:
@@ -101,7 +108,7 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thr
     run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold)
     latents = run.encode_step()
     predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
-    stop = choose_iterations(predicted, [threshold])[0]  # [N] 0-based, per image
+    stop = predicted_choice(predicted, threshold, model.length_predictor.margin)  # [N] 0-based, per image
     tokens: list[Tensor | None] = [None] * batch
     for t in range(num_iterations):
         if t > 0:
@@ -166,7 +173,7 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thresh
     latents = run.encode_step()
     if model.length_predictor is not None:
         predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
-        starts = choose_iterations(predicted, [threshold])[0].tolist()
+        starts = predicted_choice(predicted, threshold, model.length_predictor.margin).tolist()
     else:
         starts = [(num_iterations - 1) // 2] * batch
     searches = [LengthSearch(s, num_iterations, threshold, bisect=model.length_predictor is None) for s in starts]

@@ -69,9 +69,9 @@ def run_ray(identity: dict[str, Any], weights: bytes, source: DatasetSource, pla
                 assembler.add_failure(position, str(row["failure"]))
                 continue
             tokens = np.frombuffer(row["tokens"], dtype=np.int64 if dims is None else np.float32)
-            error, score = float(row["error"]), float(row["length_score"])
+            error, predicted = float(row["error"]), float(row["predicted_error"])
             assembler.add_row(position, torch.from_numpy(tokens.copy() if dims is None else tokens.reshape(-1, dims)),
-                              None if np.isnan(error) else error, None if np.isnan(score) else score)
+                              None if np.isnan(error) else error, None if np.isnan(predicted) else predicted)
     finally:
         if started:
             ray.shutdown()
@@ -130,7 +130,7 @@ class _Encoder:
         good = [row for row in range(n) if not batch["failure"][row]]
         tokens = np.full(n, b"", dtype=object)
         errors = np.full(n, np.nan, dtype=np.float32)
-        scores = np.full(n, np.nan, dtype=np.float32)
+        predicted = np.full(n, np.nan, dtype=np.float32)
         if good:
             result = self.tok.encode(torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])),
                                      **self.encode_kwargs)
@@ -139,9 +139,10 @@ class _Encoder:
                 tokens[row] = result.tokens[index].to(dtype).numpy().tobytes()
                 if result.errors is not None:
                     errors[row] = float(result.errors[index])
-                    scores[row] = float(result.length_scores[index])
+                if result.predicted_errors is not None:
+                    predicted[row] = float(result.predicted_errors[index])
         return {"position": batch["position"], "failure": batch["failure"], "tokens": tokens, "error": errors,
-                "length_score": scores}
+                "predicted_error": predicted}
 
 
 def ray_dataset_source(dataset: Any, image_column: str = "image") -> DatasetSource:

@@ -6,8 +6,10 @@
 - ``index`` (int64): the input's position in the source; ``key`` (string): its path relative to the folder, the
   list file's line or the dataset index;
 - ``tokens``: ``list<int32>`` code ids (quantized models) or ``list<fixed_size_list<float32, D>>`` (continuous);
-- ``num_tokens`` (int32); for adaptive runs (``halt_threshold``) also ``error`` and ``length_score`` (float32): the
-  reconstruction's mean absolute pixel error at the chosen length and what the threshold was compared with.
+- ``num_tokens`` (int32); for adaptive runs (``halt_threshold``) also ``error`` and ``predicted_error`` (float32,
+  nullable): the reconstruction's *measured* mean absolute pixel error at the chosen length (length rules
+  ``exact`` and ``search``; null for ``predicted``) and the length predictor's *estimate* of it (``predicted``
+  rule only; else null).
 
 Each shard's Parquet metadata (key ``adaptive_tokenizer``) holds the job's settings (model config and weights
 sha256, encode arguments, shard size, source identity, library version), the model's name, the shard's position
@@ -68,7 +70,8 @@ class ShardStats:
 
 
 def shard_table(indices: Sequence[int], keys: Sequence[str], tokens: Sequence[Tensor], num_tokens: Sequence[int],
-                errors: Sequence[float] | None, length_scores: Sequence[float] | None, latent_dim: int | None,
+                errors: Sequence[float | None] | None, predicted_errors: Sequence[float | None] | None,
+                latent_dim: int | None,
                 ) -> pa.Table:
     """Rows -> an Arrow table with the shard schema (``latent_dim`` None: quantized ids, else continuous vectors)."""
     lengths = np.asarray(num_tokens, dtype=np.int32)
@@ -86,8 +89,8 @@ def shard_table(indices: Sequence[int], keys: Sequence[str], tokens: Sequence[Te
                "tokens": pa.ListArray.from_arrays(pa.array(offsets), values),
                "num_tokens": pa.array(lengths)}
     if errors is not None:
-        columns["error"] = pa.array(np.asarray(errors, dtype=np.float32))
-        columns["length_score"] = pa.array(np.asarray(length_scores, dtype=np.float32))
+        columns["error"] = pa.array(list(errors), type=pa.float32())
+        columns["predicted_error"] = pa.array(list(predicted_errors), type=pa.float32())
     return pa.table(columns)
 
 

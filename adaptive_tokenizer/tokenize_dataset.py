@@ -131,8 +131,8 @@ class ShardAssembler:
         self._failures: dict[int, dict[int, Failure]] = {}
         self.written: list[ShardStats] = []
 
-    def add_row(self, position: int, tokens: Tensor, error: float | None, length_score: float | None) -> None:
-        self._rows.setdefault(self.plan.shard_of(position), {})[position] = (tokens, error, length_score)
+    def add_row(self, position: int, tokens: Tensor, error: float | None, predicted_error: float | None) -> None:
+        self._rows.setdefault(self.plan.shard_of(position), {})[position] = (tokens, error, predicted_error)
         self._maybe_write(self.plan.shard_of(position))
 
     def add_failure(self, position: int, reason: str) -> None:
@@ -335,5 +335,5 @@ def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[range], source: Data
 def _add_result(assembler: ShardAssembler, positions: list[int], result: Any) -> None:
     for row, position in enumerate(positions):
         error = None if result.errors is None else float(result.errors[row])
-        score = None if result.length_scores is None else float(result.length_scores[row])
-        assembler.add_row(position, result.tokens[row], error, score)
+        predicted = None if result.predicted_errors is None else float(result.predicted_errors[row])
+        assembler.add_row(position, result.tokens[row], error, predicted)

@@ -1,6 +1,6 @@
 """Variable-length image tokens as input to a small downstream transformer (text + image vocabulary).
 
-    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.025]
+    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.06]
     python examples/downstream_transformer.py --tokens TOKENIZED_DIR [--steps 3]
 
 Without ``--model`` it uses the default model embedded in the package; the model must have quantized latents.
@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*")
     parser.add_argument("--model", default=None, help="default: the embedded default model")
-    parser.add_argument("--halt-threshold", type=float, default=0.025)
+    parser.add_argument("--halt-threshold", type=float, default=0.06)
     parser.add_argument("--tokens", metavar="DIR", help="train on a folder written by `adaptive-tokenizer tokenize`")
     parser.add_argument("--steps", type=int, default=3, help="training steps with --tokens (default: 3)")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Quickstart: one image at several token budgets, and adaptively, with a labelled PNG strip.
 
-    python examples/quickstart.py IMAGE [--model MODEL] [-o quickstart_strip.png] [--halt-threshold 0.025]
+    python examples/quickstart.py IMAGE [--model MODEL] [-o quickstart_strip.png] [--halt-threshold 0.06]
 
 Without ``--model`` it uses the default model embedded in the package (``AdaptiveTokenizer.from_pretrained()``,
 no download); ``--model`` takes anything ``from_pretrained`` takes (a name, ``org/name``, a directory).

@@ -153,10 +153,30 @@ def test_adaptive_rows_equal_encode(converted_dirs, photo_dir, tok_a, tmp_path):
     expected = tok_a.encode([str(folder / key) for key in keys], max_tokens=64, halt_threshold=0.44)
     assert [row["num_tokens"] for row in rows] == expected.num_tokens.tolist()
     assert len(set(expected.num_tokens.tolist())) > 1  # the threshold picks different lengths
-    for row, tokens, error, score in zip(rows, expected.tokens, expected.errors, expected.length_scores):
+    for row, tokens, error in zip(rows, expected.tokens, expected.errors):
         assert row["tokens"] == tokens.tolist()
-        assert row["error"] == pytest.approx(float(error), abs=1e-6)
-        assert row["length_score"] == pytest.approx(float(score), abs=1e-6)
+        assert row["error"] == pytest.approx(float(error), abs=1e-6)  # measured (the exact rule) ...
+        assert row["predicted_error"] is None  # ... and no estimate
+
+
+def test_predicted_rule_rows_equal_encode(photo_dir, tmp_path):
+    """With ``length_rule="predicted"`` the rows hold the predictor's estimate and no measured error."""
+    from .test_length_rules import tokenizer
+
+    folder, keys = photo_dir
+    tok = tokenizer("cached", False, predictor=True)
+    tok.save_pretrained(tmp_path / "model")
+    paths = [str(folder / key) for key in keys[:6]]
+    threshold = float(tok.predict_errors(paths).median())
+    kwargs = {"max_tokens": 32, "halt_threshold": threshold, "length_rule": "predicted"}
+    summary = tokenize_dataset(folder, tmp_path / "out", model=tmp_path / "model", shard_size=3, batch_size=2,
+                               encode_kwargs=kwargs)
+    assert summary.exit_status in (0, 3)
+    rows = {row["key"]: row for row in read_rows(tmp_path / "out")}
+    expected = tok.encode(paths, **kwargs)
+    for key, tokens, estimate in zip(keys[:6], expected.tokens, expected.predicted_errors):
+        assert rows[key]["tokens"] == tokens.tolist() and rows[key]["error"] is None
+        assert rows[key]["predicted_error"] == pytest.approx(float(estimate), rel=1e-6)
 
 
 # ---- resuming ------------------------------------------------------------------------------------------------
