@@ -221,6 +221,66 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
     return summary
 
 
+def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: int, repeats: int = 1,
+                        print_fn: Callable[[str], None] = print) -> dict:
+    """The length rules side by side on a trained model and real images ``pixels`` ``[N, 3, R, R]`` (one batch):
+    the authors' algorithm, the exact rule (a decode at every iteration up to each image's length), the search
+    rule, the predicted rule (the model needs a length predictor) and a fixed budget of about the same mean length.
+    Targets: the exact rule's at ``target_tokens`` mean tokens (also the search's), and the predicted rule's own.
+    Prints a table and one JSON line with the ratios of images/s; returns the JSON."""
+    from .length_report import threshold_for_mean_length
+    from .length_rules import choose_length, predict_errors
+
+    torch.set_num_threads(threads)
+    model, device, batch = tok.model, tok.device, len(pixels)
+    pixels = pixels.to(device)
+    per, iterations = model.config.tokens_per_iteration, model.config.max_iterations
+    budgets = [per * (i + 1) for i in range(iterations)]
+    _, errors = tok.reconstructions(pixels)
+    exact_e = threshold_for_mean_length(errors, budgets, target_tokens)
+    halting = model.config.dynamic_halting_threshold if model.config.dynamic_halting else None
+    results: list[Measurement] = []
+    reference, _ = measure("reference (authors' encode)", lambda: reference_encode(model, pixels, exact_e), batch,
+                           device, repeats, "every length decoded, batch-level length")
+    results.append(reference)
+    outs = {}
+    rules = [("exact", exact_e), ("search", exact_e)]
+    if model.length_predictor is not None:
+        with torch.inference_mode():
+            predicted = predict_errors(model, pixels).cpu()
+        rules.append(("predicted", threshold_for_mean_length(predicted, budgets, target_tokens)))
+    for rule, threshold in rules:
+        m, outs[rule] = measure(rule, lambda r=rule, e=threshold: choose_length(model, pixels, iterations, e, r,
+                                                                                 halting_threshold=halting),
+                                batch, device, repeats, f"target {threshold:.4f}")
+        m.note += f", mean {per * float(outs[rule].num_iterations.double().mean()):.1f} tokens"
+        results.append(m)
+    basis = "predicted" if "predicted" in outs else "exact"  # the fixed budget of about its mean length
+    mean_iterations = float(outs[basis].num_iterations.double().mean())
+    fixed_budget = per * max(1, round(mean_iterations))
+    fixed, _ = measure(f"fixed {fixed_budget}", lambda: rollout(model, pixels, fixed_budget // per,
+                                                                  halting_threshold=halting), batch, device, repeats)
+    results.append(fixed)
+    speed = {m.name: m.images_per_s for m in results}
+    print_fn(f"{'what':<28} {'images/s':>10} {'vs reference':>13}  note")
+    for m in results:
+        print_fn(f"{m.name:<28} {m.images_per_s:>10.3f} {m.images_per_s / reference.images_per_s:>12.2f}x  {m.note}")
+    summary = {"mode": "rules", "batch": batch, "threads": threads, "device": str(device), "target_tokens": target_tokens,
+               "search_vs_exact": round(speed["search"] / speed["exact"], 3),
+               "search_same_lengths_as_exact": float((outs["search"].num_iterations ==
+                                                      outs["exact"].num_iterations).double().mean()),
+               "exact_vs_reference": round(speed["exact"] / reference.images_per_s, 3),
+               "fixed_budget": fixed_budget,
+               "images_per_s": {name: round(value, 4) for name, value in speed.items()}}
+    if "predicted" in outs:
+        summary.update({"predicted_vs_exact": round(speed["predicted"] / speed["exact"], 3),
+                        "predicted_vs_search": round(speed["predicted"] / speed["search"], 3),
+                        "predicted_vs_reference": round(speed["predicted"] / reference.images_per_s, 3),
+                        "predicted_vs_fixed": round(speed["predicted"] / fixed.images_per_s, 3)})
+    print_fn(json.dumps(summary))
+    return summary
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=SIZES, default="default",
                         help="alit_small (the authors' size) or default (the embedded default model's architecture)")
@@ -231,5 +291,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best is kept)")
     parser.add_argument("--target-tokens", type=int, default=128, help="mean adaptive length to calibrate for")
     parser.add_argument("--budgets", default="32,64,128,256")
+    parser.add_argument("--rules", action="store_true",
+                        help="time the length rules (exact, search, predicted) on a trained model (--model, default "
+                             "the embedded one) and the photos of --images, instead of the architecture benchmark")
+    parser.add_argument("--model", default=None, help="with --rules: the model (default: the embedded default)")
+    parser.add_argument("--images", default="evaluation/photos", help="with --rules: a folder of photos")
     parser.add_argument("--no-per-image-check", action="store_true",
                         help="derive the per-image reference choice from the batch run instead of re-running")

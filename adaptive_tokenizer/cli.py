@@ -1,4 +1,4 @@
-"""Command line: ``adaptive-tokenizer {convert,encode,decode,reconstruct,evaluate,info,models,push,bench}``.
+"""Command line: ``adaptive-tokenizer {convert,encode,tokenize,decode,reconstruct,evaluate,info,models,push,bench}``.
 
 Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
 for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
@@ -7,6 +7,7 @@ halt threshold was used, ``errors`` (float32 ``[N]``). Their metadata holds ``fo
 
 User errors (bad arguments, missing files, bad token files, anything the library rejects with ValueError,
 FileNotFoundError or TypeError) print one line ``adaptive-tokenizer: error: ...`` and exit with status 2.
+``tokenize`` exits with status 3 when the job completed but skipped inputs it could not read.
 Outputs are all-or-nothing: every file goes through :func:`~adaptive_tokenizer.io_utils.write_atomic`, ``decode``
 fills a staged directory, a failed command leaves no new file or directory, and an output that is also an input
 is refused.
@@ -35,6 +36,7 @@ from .evaluate import evaluate_folder, format_table, parse_thresholds
 from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
 from .io_utils import png_bytes, refuse_inputs_as_outputs, staged_directory, write_atomic
+from .length_rules import LENGTH_RULES
 from .tokenizer import AdaptiveTokenizer, EncodeResult
 
 PROG = "adaptive-tokenizer"
@@ -176,7 +178,7 @@ def output_names(sources: Sequence[str], suffix: str = ".png") -> list[str]:
 
 
 def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
-                 halt_threshold: float | None, length_floor_weight: float | None = None) -> EncodeResult:
+                 halt_threshold: float | None, length_rule: str | None = None) -> EncodeResult:
     """``tok.encode`` over ``paths`` in batches (so only a batch of images is in memory), with a progress bar."""
     parts: list[EncodeResult] = []
     # disable=None: the bar shows only when stderr is a terminal (no clutter in logs or captured output)
@@ -184,14 +186,14 @@ def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, 
         for start in range(0, len(paths), batch_size):
             batch = list(paths[start : start + batch_size])
             parts.append(tok.encode(batch, max_tokens=max_tokens, halt_threshold=halt_threshold,
-                                    length_floor_weight=length_floor_weight))
+                                    length_rule=length_rule))
             bar.update(len(batch))
     errors = [part.errors for part in parts if part.errors is not None]
-    scores = [part.length_scores for part in parts if part.length_scores is not None]
+    predicted = [part.predicted_errors for part in parts if part.predicted_errors is not None]
     return EncodeResult(tokens=[t for part in parts for t in part.tokens],
                         num_tokens=torch.cat([part.num_tokens for part in parts]),
                         errors=torch.cat(errors) if errors else None,
-                        length_scores=torch.cat(scores) if scores else None)
+                        predicted_errors=torch.cat(predicted) if predicted else None)
 
 
 # ---- subcommands ---------------------------------------------------------------------------------------------
@@ -219,13 +221,32 @@ def cmd_encode(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args)
     tok.batch_size = args.batch_size
     result = encode_paths(tok, sources, args.batch_size, max_tokens=args.max_tokens,
-                          halt_threshold=args.halt_threshold, length_floor_weight=args.length_floor_weight)
+                          halt_threshold=args.halt_threshold, length_rule=args.length_rule)
     save_token_file(args.output, result, sources, tok.config.latent_kind)
     lengths = result.num_tokens.float()
     error = f", mean L1 {result.errors.mean():.4f}" if result.errors is not None else ""
     print(f"encoded {len(sources)} images: mean {lengths.mean():.1f} tokens (min {int(lengths.min())}, "
           f"max {int(lengths.max())}){error} -> {args.output}")
     return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Tokenize a dataset into resumable Parquet shards (adaptive_tokenizer/tokenize_dataset.py)."""
+    try:
+        from .tokenize_dataset import tokenize_dataset
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    encode_kwargs = {"max_tokens": args.max_tokens, "halt_threshold": args.halt_threshold,
+                     "length_rule": args.length_rule}
+    summary = tokenize_dataset(args.source, args.output_dir, model=args.model, encode_kwargs=encode_kwargs,
+                               shard_size=args.shard_size, batch_size=args.batch_size, engine=args.engine,
+                               workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                               gpus_per_worker=args.gpus_per_worker, device=parse_device(args.device))
+    print(summary.line())
+    if summary.num_failed:
+        print(f"{summary.num_failed} inputs could not be read: see {Path(args.output_dir) / 'errors.jsonl'}",
+              file=sys.stderr)
+    return summary.exit_status
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -337,6 +358,24 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_length_predictor(args: argparse.Namespace) -> int:
+    """Fit a length predictor for a model on a set of photos and write the model with it."""
+    from .fit_length_predictor import fit_length_predictor
+
+    sources = collect_images(args.inputs)
+    tok = load_tokenizer(args)
+    with tqdm(total=len(sources), unit="img", desc="measuring", file=sys.stderr, disable=None) as bar:
+        report = fit_length_predictor(tok, sources, args.output, crops=args.crops, val_fraction=args.val_fraction,
+                                      seed=args.seed, measurements=args.measurements, steps=args.fit_steps,
+                                      progress=bar.update)
+    chosen = report["candidates"][[(c["features"], c["hidden"]) for c in report["candidates"]].index(
+        (report["selected"]["features"], report["selected"]["hidden"]))]
+    print(f"fitted a length predictor on {report['num_train_views']} views; held out {report['num_val_images']} "
+          f"images: lengths within one iteration of the exact rule {chosen['within_one']:.1%}, same "
+          f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f}; safety margin {report['selected']['margin']:g} -> {args.output}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Speed benchmark (see adaptive_tokenizer/bench.py); the last output line is a JSON summary."""
     try:
@@ -344,6 +383,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
     parse_device(args.device)
+    if args.rules:
+        from .bench import run_rules_benchmark
+
+        tok = AdaptiveTokenizer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        paths = list_image_files(args.images)
+        if not paths:
+            raise UsageError(f"no image files in {args.images}")
+        pixels = load_images([str(p) for p in paths[: args.batch]], tok.config.image_size)
+        run_rules_benchmark(tok, pixels, args.threads, args.target_tokens, args.repeats)
+        return 0
     run_benchmark(args.size, args.batch, args.threads, args.device, args.dtype, args.repeats, args.target_tokens,
                   budgets, per_image_check=not args.no_per_image_check)
     return 0
@@ -387,12 +436,40 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
     length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
     p.add_argument("--halt-threshold", type=float, metavar="E",
-                   help="per-image length: fewest tokens whose length score (mean absolute pixel error minus the "
-                        "model's length_floor_weight x the base tokenizer's own) is <= E")
-    p.add_argument("--length-floor-weight", type=float, metavar="W",
-                   help="the length score's weight in [0, 1] for this run (default: the model's; 0: the authors' rule)")
+                   help="target error: each image gets the fewest tokens whose mean absolute pixel error is <= E")
+    p.add_argument("--length-rule", choices=LENGTH_RULES, default=None,
+                   help="how --halt-threshold lengths are found: exact (default; decode every length up to the "
+                        "answer), search (decode around the predicted length), predicted (the model's length "
+                        "predictor alone, no decoding)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("tokenize", help="tokenize a dataset (folder or list of images) into resumable Parquet shards; "
+                                        "exit status 3 when some inputs could not be read")
+    p.add_argument("source", metavar="SOURCE", help="folder of images (searched recursively) or a text file listing "
+                                                    "image paths, one per line")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="Parquet shards, index.json and errors.jsonl; rerun the "
+                                                            "same command to resume")
+    p.add_argument("--model", metavar="MODEL", help=_MODEL_HELP + " (default: the embedded default model)")
+    p.add_argument("--device", default="cpu", help="torch device of the local engine (default: cpu)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
+    length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
+    p.add_argument("--halt-threshold", type=float, metavar="E", help="per-image length, as for `encode`")
+    p.add_argument("--length-rule", choices=LENGTH_RULES, default=None, help="as for `encode`")
+    p.add_argument("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
+                   help="inputs per Parquet shard (default: 10000)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (default: 16)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process, images decoded by threads; ray: Ray Data actors on the cluster of "
+                        "RAY_ADDRESS or a local Ray (pip install 'adaptive-tokenizer[ray]')")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="local: image-decoding threads (default: 2); ray: model actors (default: 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="C",
+                   help="ray: CPUs reserved per actor, fractions allowed (default: 0.5)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="ray: GPUs per actor (default: 0, CPU actors); > 0 runs the model on CUDA")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("decode", help="decode a token file into PNG images")
     _model_options(p)
@@ -438,6 +515,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", metavar="TEXT",
                        help=f"model card {flag.replace('-', ' ')} (default: from the manifest entry)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("fit-length-predictor", help="fit a length predictor (length_rule='predicted') for a "
+                       "model on photos; writes the model with it")
+    _model_options(p)
+    p.add_argument("inputs", nargs="+", metavar="PHOTOS", help="image files or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the model with its predictor")
+    p.add_argument("--crops", type=int, default=0, metavar="N",
+                   help="random crops per image, beside the centre crop and its mirror image (default: 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the images held out to select the predictor (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-steps", type=_positive_int, default=1500, metavar="N",
+                   help="optimizer steps per candidate head (default: 1500)")
+    p.add_argument("--measurements", metavar="FILE.safetensors",
+                   help="cache of the measured errors: written after measuring, read instead of measuring again")
+    p.set_defaults(func=cmd_fit_length_predictor)
 
     p = sub.add_parser("bench", help="speed benchmark: the authors' encode algorithm vs ours, same run")
     add_bench_arguments(p)

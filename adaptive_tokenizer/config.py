@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +74,47 @@ class VQGANConfig:
                              f"factor {self.downsample_factor}")
 
 
+PREDICTOR_FEATURES = ("pixels", "base", "class", "image_tokens", "latents")
+
+
+@dataclass(frozen=True)
+class LengthPredictorConfig:
+    """The length predictor: an MLP from features of the encoder's first iteration to the log of the error at every
+    length (``length_predictor.py``).
+
+    ``features``: which feature groups it reads, a subset of ``PREDICTOR_FEATURES`` in that order: ``pixels``
+    (gradient energy at four scales, colour statistics), ``base`` (per-channel mean/std of the base encoder's
+    features and their distance to the nearest base code), ``class`` (the encoder's class-token output),
+    ``image_tokens`` (mean/std of its 2D-token outputs), ``latents`` (mean/std of latent block 0).
+    ``hidden``: width of the hidden layer (0: linear). ``num_inputs``: the feature size, fixed by the model.
+    ``margin``: the predicted rule takes the first length whose estimate times ``1 + margin`` is ``<=`` the target,
+    a safety margin against under-estimates (selected on held-out images when fitted).
+    """
+
+    features: tuple[str, ...] = PREDICTOR_FEATURES
+    hidden: int = 64
+    num_inputs: int = 0
+    margin: float = 0.0
+
+    def validate(self) -> None:
+        if not self.features or list(self.features) != [f for f in PREDICTOR_FEATURES if f in self.features]:
+            raise ValueError(f"LengthPredictorConfig.features must be a non-empty subset of {list(PREDICTOR_FEATURES)} "
+                             f"in that order, got {list(self.features)}")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
+            raise ValueError(f"LengthPredictorConfig.hidden must be an int >= 0, got {self.hidden!r}")
+        _positive(self, "num_inputs")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 1:
+            raise ValueError(f"LengthPredictorConfig.margin must be a number in [0, 1], got {self.margin!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LengthPredictorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config length_predictor has unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """An ALIT model: base tokenizer + latent-distillation encoder/decoder + (optional) latent quantizer.
@@ -97,10 +136,8 @@ class ModelConfig:
     (block-causal: each iteration encodes only its new latent block against cached keys/values; the tokens of a
     smaller budget are a prefix of those of a larger one).
 
-    ``length_floor_weight`` (``w``, in [0, 1]): what ``encode(halt_threshold=...)`` compares with the threshold is
-    ``error - w * base_error``, where ``error`` is the reconstruction's mean absolute pixel error and
-    ``base_error`` the base tokenizer's own (the floor that no number of tokens goes below). 0 is the authors'
-    rule (plain error); larger weights stop images whose remaining error is mostly the base's sooner.
+    ``length_predictor``: the optional head that estimates each image's error at every length from the encoder's
+    first iteration (``length_predictor.py``; ``encode(length_rule="predicted")``), None for none.
     """
 
     base: VQGANConfig = field(default_factory=VQGANConfig)
@@ -123,11 +160,13 @@ class ModelConfig:
     dynamic_halting: bool = True
     dynamic_halting_threshold: float = 0.55
     rollout: RolloutKind = "recurrent"
-    length_floor_weight: float = 0.0
+    length_predictor: LengthPredictorConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.base, dict):  # convenience for from_dict and hand-written configs
             object.__setattr__(self, "base", VQGANConfig(**_tuples(self.base)))
+        if isinstance(self.length_predictor, dict):
+            object.__setattr__(self, "length_predictor", LengthPredictorConfig.from_dict(self.length_predictor))
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -188,7 +227,8 @@ class ModelConfig:
         if not 0.0 <= self.dynamic_halting_threshold <= 1.0:
             raise ValueError("ModelConfig.dynamic_halting_threshold is a probability in [0, 1], got "
                              f"{self.dynamic_halting_threshold}")
-        check_length_floor_weight(self.length_floor_weight, "ModelConfig.length_floor_weight")
+        if self.length_predictor is not None:
+            self.length_predictor.validate()
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -244,35 +284,6 @@ def _tuples(data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"config base has unknown fields {unknown}; known fields: {sorted(known)}")
         out["base"] = VQGANConfig(**_tuples(base))
     return out
-
-
-def real_number(value: Any) -> float | None:
-    """``value`` as a finite float if it is a real number: a Python or NumPy int or float, or a 0-d tensor or array
-    holding one; None for anything else (bools, NaN, infinities, complex numbers, strings, sequences)."""
-    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # 0-d torch tensors, NumPy scalars/arrays
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def check_length_floor_weight(weight: Any, name: str = "length_floor_weight") -> float:
-    """``weight`` as a float; ValueError unless it is a number in [0, 1]."""
-    value = real_number(weight)
-    if value is None or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} is a number in [0, 1], got {weight!r}")
-    return value
-
-
-def check_halt_threshold(threshold: Any) -> float | None:
-    """``halt_threshold`` as a float (None stays None); ValueError unless it is a non-negative number."""
-    if threshold is None:
-        return None
-    value = real_number(threshold)
-    if value is None or value < 0:
-        raise ValueError(f"halt_threshold must be a non-negative number (mean absolute pixel error in [0, 1] units; "
-                         f"an int or float, NumPy scalar or 0-d tensor), got {threshold!r}")
-    return value
 
 
 def _positive(config: Any, *names: str) -> None:

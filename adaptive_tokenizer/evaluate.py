@@ -8,12 +8,10 @@ What is measured (every image preprocessed as the model sees it: resized, centre
 
 * **Fixed budgets** 32, 64, ..., max: mean L1, PSNR and SSIM of the reconstruction *clamped to [0, 1]* against the
   preprocessed input, from one rollout per image (``AdaptiveTokenizer.reconstructions``). ``error_unclamped`` is
-  the mean of the errors ``reconstructions`` returns (L1 before clamping); ``length_score`` is what
-  ``halt_threshold`` compares: that error minus ``config.length_floor_weight`` times the base tokenizer's own
-  error (``AdaptiveTokenizer.base_errors``), the plain error when the weight is 0.
+  the mean of the errors ``reconstructions`` returns (L1 before clamping), what ``halt_threshold`` is a target for.
 * **Base ceiling**: the VQGAN's own reconstruction (encode -> nearest codes -> ``decode_ids``), same metrics.
-* **Adaptive length** at several thresholds: each image's length is the first budget whose length score is
-  ``<=`` the threshold, else the budget with the lowest score (first on ties): exactly the rule of
+* **Adaptive length** at several thresholds: each image's length is the first budget whose error is
+  ``<=`` the threshold, else the budget with the lowest error (first on ties): exactly the exact rule of
   ``encode(halt_threshold=...)`` (the tests check they agree). Reported: mean tokens, mean L1 of the chosen
   (clamped) reconstruction, a histogram of lengths. The threshold whose mean length is closest to
   ``target_tokens`` (128) is compared with a fixed budget of 128 for every image and with the **best allocation**
@@ -32,9 +30,14 @@ range 1, "valid" filtering (no padding), the SSIM map averaged per channel, then
 downsampling: at 256 px Wang's reference code would not downsample either), filtered in float32.
 ``ssim(x, x) == 1`` exactly.
 
-Automatic thresholds: the per-image choice only changes at the observed length scores, so every distinct
-outcome is reached by a threshold between two consecutive distinct scores (negative scores count as 0: thresholds
-are non-negative). For target mean lengths evenly
+* **Length rules** (``length_rules`` in the report, :mod:`~adaptive_tokenizer.length_report`): the exact, search
+  and predicted rules (the last with a model that has a length predictor, whose estimates are made for every
+  image) at the target whose mean length is closest to ``target_tokens``: mean tokens and L1, the share of images
+  reaching the target, the smallest fixed budget reaching the same share, Spearman with complexity, decodes per
+  image, and for the predicted rule its agreement with the exact rule and its mean absolute error.
+
+Automatic thresholds: the per-image choice only changes at the observed errors, so every distinct
+outcome is reached by a threshold between two consecutive distinct errors. For target mean lengths evenly
 spread from the shortest to the longest achievable mean (and ``target_tokens``), the candidate whose mean length is
 closest is kept; each kept threshold is a short decimal inside the middle half of its gap, so tiny numeric
 differences between batched rollouts cannot change a choice.
@@ -68,6 +71,9 @@ from tqdm import tqdm
 
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
 from .io_utils import png_bytes, write_atomic
+from .length_report import rules_report, threshold_candidates
+from .length_rules import choose_iterations
+from .stats import pearson, rankdata, spearman  # noqa: F401  (re-exported: evaluate's public helpers)
 from .tokenizer import AdaptiveTokenizer
 
 REPORT_FORMAT = "adaptive-tokenizer-evaluation/1"
@@ -125,39 +131,6 @@ def ssim(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5, dat
     return ssim_map.double().mean(dim=(2, 3)).mean(dim=1)
 
 
-def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Ranks 1..n (float64), ties given the average of the ranks they span."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-def pearson(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Pearson correlation; NaN when either vector is constant or shorter than 2."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"pearson needs two 1-D vectors of the same length, got shapes {a.shape} and {b.shape}")
-    if len(a) < 2:
-        return float("nan")
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
-
-
-def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation: Pearson of the tie-averaged ranks; NaN when either vector is constant."""
-    return pearson(rankdata(a), rankdata(b))
-
-
 def jpeg_complexity(image: Tensor, quality: int = JPEG_QUALITY) -> float:
     """JPEG bytes per pixel of ``[3, H, W]`` in [0, 1], encoded in memory by PIL at ``quality``."""
     buffer = io.BytesIO()
@@ -166,20 +139,6 @@ def jpeg_complexity(image: Tensor, quality: int = JPEG_QUALITY) -> float:
 
 
 # ---- adaptive length choice ----------------------------------------------------------------------------------
-def choose_iterations(scores: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
-    """The halt_threshold rule, vectorised: length scores ``[N, I]``, thresholds ``[T]`` -> chosen iteration index
-    ``[T, N]`` (0-based): the first with score ``<=`` threshold, else the lowest-score one (first on ties).
-
-    The comparison is made in the scores' dtype (float32, as the rollout's), as the rollout compares its float32
-    scores with a Python float threshold: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
-    """
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(scores.dtype)
-    meets = scores[None] <= thresholds[:, None, None]  # [T, N, I]
-    first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
-    fallback = _first_argmin(scores)[None].expand_as(first)
-    return torch.where(meets.any(dim=2), first, fallback)
-
-
 def paired_difference(differences: Tensor, *, resamples: int = 10000, seed: int = 0) -> dict:
     """Per-image L1 differences (adaptive minus fixed, ``[N]``): how many images are better / worse / the same,
     and a seeded percentile-bootstrap 95% interval of their mean (images resampled with replacement)."""
@@ -223,34 +182,13 @@ def best_allocation(errors: Tensor, units_per_image: float) -> Tensor:
     return torch.from_numpy(chosen)
 
 
-def _first_argmin(errors: Tensor) -> Tensor:
-    low = errors.min(dim=1, keepdim=True).values
-    return (errors == low).to(torch.uint8).argmax(dim=1)
-
-
-def _short_decimal(low: float, high: float) -> float:
-    """A short decimal strictly inside the middle half of (low, high)."""
-    middle = (low + high) / 2
-    quarter = (high - low) / 4
-    for digits in range(1, 12):
-        value = float(f"{middle:.{digits}g}")
-        if low + quarter <= value <= high - quarter:
-            return value
-    return middle
-
-
-def auto_thresholds(scores: Tensor, budgets: Sequence[int], *, target_tokens: int = TARGET_TOKENS,
-                    count: int = 5, max_candidates: int = 2000) -> list[float]:
+def auto_thresholds(errors: Tensor, budgets: Sequence[int], *, target_tokens: int = TARGET_TOKENS,
+                    count: int = 5) -> list[float]:
     """Thresholds whose mean chosen lengths spread over the achievable range, including the one whose mean length
-    is closest to ``target_tokens`` (see the module docstring). ``scores`` ``[N, I]``: length scores. Sorted
-    ascending, distinct outcomes, non-negative."""
-    values = np.unique(scores.numpy().ravel().clip(min=0)).astype(np.float64)
-    edges = [0.0, *values.tolist(), float(values[-1]) * 1.5 + 1e-3]
-    gaps = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
-    if len(gaps) > max_candidates:  # many images: gaps at evenly spaced ranks (always the first and the last)
-        gaps = [gaps[i] for i in sorted(set(np.linspace(0, len(gaps) - 1, max_candidates).round().astype(int)))]
-    candidates = [_short_decimal(lo, hi) for lo, hi in gaps]
-    chosen = torch.cat([choose_iterations(scores, candidates[i : i + 64]) for i in range(0, len(candidates), 64)])
+    is closest to ``target_tokens`` (see the module docstring). ``errors`` ``[N, I]``. Sorted ascending, distinct
+    outcomes, non-negative."""
+    candidates = threshold_candidates(errors)
+    chosen = torch.cat([choose_iterations(errors, candidates[i : i + 64]) for i in range(0, len(candidates), 64)])
     lengths = torch.as_tensor(budgets, dtype=torch.float64)[chosen].mean(dim=1).numpy()
     spread = np.linspace(lengths.min(), lengths.max(), count)
     spacing = (lengths.max() - lengths.min()) / max(count - 1, 1)
@@ -271,8 +209,8 @@ def parse_thresholds(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"--thresholds takes comma-separated non-negative numbers (length scores: mean absolute "
-                         f"pixel error in [0, 1] units, see halt_threshold), e.g. 0.02,0.05, got {text!r}")
+        raise ValueError(f"--thresholds takes comma-separated non-negative numbers (target errors: mean absolute "
+                         f"pixel error in [0, 1] units, see halt_threshold), e.g. 0.05,0.07, got {text!r}")
     return sorted(set(values))
 
 
@@ -491,7 +429,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     out_dir = Path(out_dir)
     size = tok.config.image_size
 
-    per_image: dict[str, list] = {key: [] for key in ("error", "score", "l1", "psnr", "ssim", "base", "complexity")}
+    per_image: dict[str, list] = {key: [] for key in ("error", "predicted", "l1", "psnr", "ssim", "base", "complexity")}
     keep_panels = len(paths) <= grid_images  # else the grid's images are re-run once their complexity is known
     panels: dict[int, list[Image.Image]] = {}
     with tqdm(total=len(paths), unit="img", desc="evaluating", file=sys.stderr,
@@ -504,9 +442,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             flat = pixels.flatten(0, 1)
             targets = inputs[:, None].expand_as(pixels).flatten(0, 1)
             per_image["error"].append(errors.float())
-            # float32, compared with thresholds as the rollout does; the base's error only matters for a weight > 0
-            floor = tok.base_errors(inputs)[:, None] if tok.config.length_floor_weight else torch.zeros(n, 1)
-            per_image["score"].append(tok.model.length_score(errors.float(), floor))
+            if tok.model.length_predictor is not None:
+                per_image["predicted"].append(tok.predict_errors(inputs)[:, :iterations])
             per_image["l1"].append(l1_error(flat, targets).view(n, iterations))
             per_image["psnr"].append(psnr(flat, targets).view(n, iterations))
             per_image["ssim"].append(ssim(flat, targets).view(n, iterations))
@@ -519,7 +456,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             bar.update(n)
 
     errors = torch.cat(per_image["error"])  # [N, I] unclamped
-    scores = torch.cat(per_image["score"])  # [N, I] the halt_threshold quantity
+    predicted = torch.cat(per_image["predicted"]) if per_image["predicted"] else None  # [N, I] estimates
     l1 = torch.cat(per_image["l1"])  # [N, I] clamped
     psnrs, ssims = torch.cat(per_image["psnr"]), torch.cat(per_image["ssim"])
     base = torch.cat(per_image["base"])  # [N, 3]: l1, psnr, ssim
@@ -535,8 +472,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
 
     source = "given" if thresholds is not None else "auto"
     if thresholds is None:
-        thresholds = auto_thresholds(scores, budgets, target_tokens=target_tokens)
-    chosen = choose_iterations(scores, thresholds)  # [T, N] iteration indices
+        thresholds = auto_thresholds(errors, budgets, target_tokens=target_tokens)
+    chosen = choose_iterations(errors, thresholds)  # [T, N] iteration indices
     budget_tensor = torch.tensor(budgets, dtype=torch.float64)
     rows = torch.arange(num_images)
     levels = []
@@ -546,7 +483,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
         levels.append({"threshold": threshold, "mean_tokens": float(lengths.mean()),
                        "mean_l1": float(l1[rows, pick].mean()),
                        "mean_error_unclamped": float(errors[rows, pick].mean()),
-                       "met_threshold": float((scores[rows, pick] <= threshold).double().mean()),
+                       "met_threshold": float((errors[rows, pick] <= threshold).double().mean()),
                        "histogram": torch.bincount(pick, minlength=iterations).tolist()})
     target_index = int(np.argmin([abs(level["mean_tokens"] - target_tokens) for level in levels]))
     fixed_index = int(np.argmin([abs(b - target_tokens) for b in budgets]))
@@ -575,7 +512,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     }
 
     images = [{"file": path.name, "complexity": float(complexity[i]),
-               "l1": l1[i].tolist(), "error_unclamped": errors[i].tolist(), "length_score": scores[i].tolist(),
+               "l1": l1[i].tolist(), "error_unclamped": errors[i].tolist(),
+               "predicted_error": predicted[i].tolist() if predicted is not None else None,
                "psnr": psnrs[i].tolist(), "ssim": ssims[i].tolist(),
                "base": {"l1": float(base[i, 0]), "psnr": float(base[i, 1]), "ssim": float(base[i, 2])},
                "chosen_tokens": [budgets[int(chosen[t, i])] for t in range(len(thresholds))]}
@@ -614,7 +552,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                                                                     "model_max": tok.max_tokens},
                               "dynamic_halting": config.dynamic_halting,
                               "dynamic_halting_threshold": config.dynamic_halting_threshold,
-                              "length_floor_weight": config.length_floor_weight,
+                              "length_predictor": config.length_predictor is not None,
                               "encoder": f"{config.encoder_width}x{config.encoder_layers}",
                               "decoder": f"{config.decoder_width}x{config.decoder_layers}",
                               "codebook_size": config.codebook_size if config.quantized else None,
@@ -625,12 +563,12 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             "metric_notes": {"pixels": "[0, 1]; inputs resized and centre-cropped to the model resolution",
                              "l1_psnr_ssim": "of the reconstruction clamped to [0, 1]",
                              "error_unclamped": "mean |reconstruction - input| before clamping",
-                             "length_score": "what halt_threshold compares: error_unclamped - length_floor_weight * "
-                                             "the base tokenizer's own unclamped error",
+                             "predicted_error": "the length predictor's estimate of error_unclamped (null "
+                                                "without a predictor)",
                              "psnr": f"per image, capped at {PSNR_CAP_DB:g} dB, then averaged",
                              "ssim": "Wang et al.: gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean "
                                      "over the map and the RGB channels",
-                             "per_image_lists": "l1, error_unclamped, length_score, psnr, ssim are aligned with "
+                             "per_image_lists": "l1, error_unclamped, predicted_error, psnr, ssim are aligned with "
                                                 "budgets; chosen_tokens with adaptive.levels; histogram with budgets"},
         },
         "budgets": budgets,
@@ -639,6 +577,8 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
         "adaptive": {"thresholds_source": source, "levels": levels, "target_level": target_index,
                      "comparison": comparison},
         "complexity": complexity_stats,
+        "length_rules": rules_report(errors, l1, predicted, complexity, budgets, target_tokens,
+                                     tok.model.length_predictor.margin if predicted is not None else 0.0),
         "images": images,
         "figures": dict(FIGURES),
         "grid_images": [paths[i].name for i in grid_indices],
@@ -700,7 +640,32 @@ def format_table(report: dict) -> str:
     cx = report["complexity"]
     lines.append(f"Spearman vs JPEG complexity: chosen length {_fmt(cx['spearman_length_vs_complexity'])}, "
                  f"L1 at {cx['fixed_budget']} tokens {_fmt(cx['spearman_l1_at_fixed_budget_vs_complexity'])}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_rules(report["length_rules"]))
+
+
+def format_rules(rules: dict) -> list[str]:
+    """The length rules' block of the printed summary."""
+    lines = [f"length rules at the target whose mean length is closest to {rules['target_tokens']} tokens:",
+             f"{'rule':>10}  {'target E':>9}  {'tokens':>7}  {'L1':>7}  {'reach E':>7}  {'fixed for same':>14}  "
+             f"{'Spearman':>8}  {'decodes':>7}"]
+    for name in ("exact", "search", "predicted"):
+        if name not in rules:
+            continue
+        row = rules[name]
+        fixed = row["fixed_budget_for_same_share"]
+        decodes = row.get("decodes_per_image", 0.0)
+        lines.append(f"{name:>10}  {fmt_threshold(row['threshold']):>9}  {row['mean_tokens']:7.1f}  "
+                     f"{row['mean_l1']:7.4f}  {row['share_meeting_target']:7.1%}  "
+                     f"{fixed if fixed is not None else 'none':>14}  {_fmt(row['spearman_length_vs_complexity']):>8}  "
+                     f"{decodes:7.2f}")
+    if "search" in rules:
+        lines.append(f"  search: same length as exact for {rules['search']['same_length_as_exact']:.1%} of images")
+    if "predicted" in rules:
+        p = rules["predicted"]
+        lines.append(f"  predicted: within one iteration of exact {p['within_one_of_exact']:.1%}, same "
+                     f"{p['same_length_as_exact']:.1%}; fixed {p['fixed_budget']} reaches its E for "
+                     f"{p['fixed_share_meeting_target']:.1%}; predictor MAE {p['predictor_mean_absolute_error']:.4f}")
+    return lines
 
 
 def fmt_threshold(value: float) -> str:

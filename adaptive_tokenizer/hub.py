@@ -406,10 +406,9 @@ def render_model_card(config: ModelConfig, info: ModelInfo | None = None, *, loa
     latent = (f"quantized: ids of {config.codebook_size} codes ({config.token_dim}-d)" if config.quantized
               else f"continuous: {config.latent_dim}-d float vectors")
     halting = (f"on (p >= {config.dynamic_halting_threshold})" if config.dynamic_halting else "off")
-    weight = config.length_floor_weight
-    length_rule = "fewest tokens whose mean absolute error"
-    length_rule += f" minus {weight:g} x the base tokenizer's own error" if weight else ""
-    length_rule += " is <= `halt_threshold`"
+    length_rule = "fewest tokens whose mean absolute pixel error is <= `halt_threshold`"
+    length_rule += ("; length predictor included (`length_rule=\"predicted\"`)" if config.length_predictor
+                    else "; no length predictor")
     facts = [("image size", f"{config.image_size} px"),
              ("tokens", f"{config.tokens_per_iteration} to {config.max_tokens} per image, in steps of "
                         f"{config.tokens_per_iteration}"),

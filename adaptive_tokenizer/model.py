@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .base_tokenizer import VQGAN
 from .config import ModelConfig
 from .latent_model import LatentDecoder, LatentEncoder
+from .length_predictor import LengthPredictor
 from .quantizer import LatentQuantizer
 
 
@@ -23,6 +24,7 @@ class ALITModel(nn.Module):
         self.encoder = LatentEncoder(config)
         self.quantizer = LatentQuantizer(config.codebook_size, config.token_dim) if config.quantized else None
         self.decoder = LatentDecoder(config)
+        self.length_predictor = LengthPredictor(config) if config.length_predictor is not None else None
 
     def decoder_inputs(self, tokens: Tensor) -> Tensor:
         """Tokens -> what the decoder reads: code vectors for ids ``[N, L]``, or the vectors ``[N, L, D]``."""
@@ -41,20 +43,13 @@ class ALITModel(nn.Module):
         from its codes ``code_ids`` ``[N, G2]`` (unclamped, as rollout errors): the floor of any token budget."""
         return (self.base.decode_ids(code_ids).float() - pixels.float()).abs().mean(dim=(1, 2, 3))
 
-    def length_score(self, error: Tensor, base_error: Tensor) -> Tensor:
-        """What ``halt_threshold`` is compared with: ``error - config.length_floor_weight * base_error``."""
-        return length_score(error, base_error, self.config.length_floor_weight)
-
     def num_parameters(self) -> dict[str, int]:
         parts = {"base_tokenizer": self.base, "encoder": self.encoder, "decoder": self.decoder}
         if self.quantizer is not None:
             parts["quantizer"] = self.quantizer
+        if self.length_predictor is not None:
+            parts["length_predictor"] = self.length_predictor
         counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
         counts["total"] = sum(counts.values())
         return counts
 
-
-def length_score(error: Tensor, base_error: Tensor, floor_weight: float) -> Tensor:
-    """``error - floor_weight * base_error`` (``error`` itself for weight 0): reconstruction error above a fraction
-    of the base tokenizer's own, the quantity the per-image length rule compares with its threshold."""
-    return error - floor_weight * base_error if floor_weight else error

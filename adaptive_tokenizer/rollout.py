@@ -12,13 +12,12 @@ Between iterations, dynamic halting (when a threshold is given) halts the 2D tok
 the decoder already predicts with probability ``>= halting_threshold``: the recurrent rollout replaces them by
 mask tokens, the cached rollout removes them from the keys of all later blocks.
 
-With ``length_threshold`` each image stops at the first iteration whose length score is ``<=`` the threshold; an
-image that never meets it gets the iteration with the lowest score (the first one on ties). The score is the
-reconstruction's mean absolute pixel error ([0, 1] units) minus ``config.length_floor_weight`` times the base
-tokenizer's own error on that image (:func:`~adaptive_tokenizer.model.length_score`; the plain error when the weight
-is 0, and the base's reconstruction is then not computed). A score that is not finite (a model whose weights
-overflow) raises ValueError rather than leaving the image without tokens. Images that stop leave the batch, so they cost nothing
-more. Each image is decided on its own: results do not depend on what else is in the batch.
+With ``length_threshold`` (the exact length rule) each image stops at the first iteration whose reconstruction's
+mean absolute pixel error ([0, 1] units) is ``<=`` the threshold; an image that never meets it gets the iteration
+with the lowest error (the first one on ties). Images that stop leave the batch, so they cost nothing more. Each
+image is decided on its own: results do not depend on what else is in the batch. The cheaper rules (a
+predict-then-verify search, the learned length predictor) are in ``length_rules.py`` and share
+:class:`RolloutRun`.
 
 Work is done only where the request needs it: without halting or a length threshold, neither the decoder nor the
 pixel decoder runs, and token vectors are computed only after the last iteration. What does not depend on the
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import ALITModel, length_score
+from .model import ALITModel
 
 
 @dataclass
@@ -50,15 +49,14 @@ class IterationRecord:
     halt_mask: Tensor | None  # [n, G2] bool, True = halted from the next iteration on (halting only)
     reconstruction: Tensor  # [n, 3, R, R] float32, unclamped
     error: Tensor  # [n] float32 mean |reconstruction - input|
-    length_score: Tensor  # [n] float32 what length_threshold is compared with (see model.length_score)
 
 
 @dataclass
 class RolloutOutput:
     tokens: list[Tensor]  # per image: [L_i] int64 ids, or [L_i, D] float32 vectors
     num_iterations: Tensor  # [N] int64, iterations behind each image's tokens (L_i / tokens_per_iteration)
-    errors: Tensor | None  # [N] float32 reconstruction error of the chosen length (length_threshold only)
-    length_scores: Tensor | None  # [N] float32 its length score (length_threshold only)
+    errors: Tensor | None  # [N] float32 measured reconstruction error of the chosen length (measured rules only)
+    predicted_errors: Tensor | None = None  # [N] float32 the length predictor's estimate (predicted rule only)
 
 
 class RecurrentEncoderState:
@@ -77,6 +75,8 @@ class RecurrentEncoderState:
             block = self.encoder.latent_block(iteration).expand(self.x.shape[0], -1, -1)
             self.x = self.encoder.norm_recursive(torch.cat([self.x, block], dim=1))
         self.x = self.encoder.transformer(self.x)
+        if iteration == 0:
+            self.prefix_out = self.x[:, : self.num_prefix]
         return self.x[:, self.num_prefix :]
 
     def halt(self, mask: Tensor) -> None:
@@ -106,6 +106,7 @@ class CachedEncoderState:
         block = self.blocks[iteration].expand(self.key_mask.shape[0], -1, -1)
         if iteration == 0:
             out = self.encoder.transformer(torch.cat([self.prefix, block], dim=1), cache=self.cache)
+            self.prefix_out = out[:, : self.num_prefix]
             self.latents = out[:, self.num_prefix :]
             return self.latents
         end = self.cache.length + block.shape[1]
@@ -127,93 +128,140 @@ class CachedEncoderState:
 ENCODER_STATES = {"recurrent": RecurrentEncoderState, "cached": CachedEncoderState}
 
 
+class RolloutRun:
+    """One batch's rollout in progress: the per-image work done once (base encoding, 2D tokens, base codes), the
+    encoder state, and the images still active. Shared by :func:`rollout` and the length rules
+    (``length_rules.py``)."""
+
+    def __init__(self, model: ALITModel, pixels: Tensor, num_iterations: int, *,
+                 halting_threshold: float | None = None, need_code_ids: bool = False):
+        config = model.config
+        if not 1 <= num_iterations <= config.max_iterations:
+            raise ValueError(f"num_iterations must be in [1, {config.max_iterations}], got {num_iterations}")
+        self.model, self.num_iterations, self.halting_threshold = model, num_iterations, halting_threshold
+        self.pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
+        self.base_features = model.base.encode(self.pixels)
+        need_code_ids = need_code_ids or halting_threshold is not None
+        self.code_ids = model.base.code_ids(self.base_features) if need_code_ids else None
+        prefix = model.encoder.embed_image(self.pixels, self.base_features)
+        self.state = ENCODER_STATES[config.rollout](model, prefix, num_iterations)
+        self.decoder_queries = model.decoder.normed_queries()
+        self.active = torch.arange(pixels.shape[0], device=pixels.device)  # input rows still running
+        self.iteration = 0  # the next iteration to run
+
+    def encode_step(self) -> Tensor:
+        """Run the next iteration's encoder; return the latents of all tokens so far ``[n, L, W]``."""
+        latents = self.state.step(self.iteration)
+        self.iteration += 1
+        return latents
+
+    def tokens(self, latents: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Latents -> (token vectors ``[n, L, D]`` float32, ids ``[n, L]`` or None for continuous models)."""
+        vectors = self.model.encoder.to_token_vectors(latents).float()
+        ids = self.model.quantizer.quantize(vectors) if self.model.quantizer is not None else None
+        return vectors, ids
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens (ids or vectors) of the active images -> decoder logits ``[n, G2, K]`` float32."""
+        return self.model.decoder(self.model.decoder_inputs(tokens), self.decoder_queries).float()
+
+    def code_prob(self, logits: Tensor) -> Tensor | None:
+        """The decoder's probability of each cell's base code ``[n, G2]`` (None without base codes)."""
+        if self.code_ids is None:
+            return None
+        return torch.softmax(logits, dim=-1).gather(-1, self.code_ids[:, :, None])[..., 0]
+
+    def halt(self, code_prob: Tensor) -> Tensor:
+        """Dynamic halting after the iteration just run: halt cells with ``code_prob >= halting_threshold``."""
+        mask = code_prob >= self.halting_threshold
+        if self.iteration < self.num_iterations:
+            self.state.halt(mask)
+        return mask
+
+    def error(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(unclamped reconstruction ``[n, 3, R, R]`` float32, its mean absolute error ``[n]`` float32)."""
+        reconstruction = self.model.reconstruct(logits).float()
+        return reconstruction, pixel_error(reconstruction, self.pixels.float())
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the active images at positions ``rows`` (the others leave the batch)."""
+        rows = rows.to(self.pixels.device)
+        self.active, self.pixels = self.active[rows], self.pixels[rows]
+        self.base_features = self.base_features[rows]
+        self.code_ids = self.code_ids[rows] if self.code_ids is not None else None
+        self.state.select(rows)
+
+
+def pixel_error(reconstruction: Tensor, pixels: Tensor) -> Tensor:
+    """Mean absolute pixel error per image, ``[n]``: the quantity ``halt_threshold`` is a target for."""
+    return (reconstruction - pixels).abs().mean(dim=(1, 2, 3))
+
+
 def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_threshold: float | None = None,
-            length_threshold: float | None = None, length_floor_weight: float | None = None,
+            length_threshold: float | None = None,
             trace: Callable[[IterationRecord], None] | None = None) -> RolloutOutput:
     """Encode ``pixels`` ``[N, 3, R, R]`` (float in [0, 1], model resolution) into tokens.
 
     ``num_iterations``: iterations to run at most (1..max_iterations). ``halting_threshold``: dynamic halting
-    probability, None for no halting. ``length_threshold``: per-image length choice by length score, whose
-    ``length_floor_weight`` is the model's ``config.length_floor_weight`` when None.
+    probability, None for no halting. ``length_threshold``: the exact length rule (each image stops at the first
+    iteration whose reconstruction error is ``<=`` it, decoding every iteration up to there).
     ``trace``: called after every iteration with an :class:`IterationRecord`; tracing decodes and reconstructs
     at every iteration, as the authors' code does (used by the parity tests and the reference benchmark).
     Call under ``torch.inference_mode()``.
     """
-    config = model.config
-    if not 1 <= num_iterations <= config.max_iterations:
-        raise ValueError(f"num_iterations must be in [1, {config.max_iterations}], got {num_iterations}")
     batch = pixels.shape[0]
-    pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
-    features = model.base.encode(pixels)
+    run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold,
+                     need_code_ids=trace is not None)
     selecting = length_threshold is not None
-    floor_weight = config.length_floor_weight if length_floor_weight is None else length_floor_weight
-    need_floor = (selecting or trace is not None) and floor_weight > 0
-    need_ids = halting_threshold is not None or trace is not None or need_floor
-    gt_ids = model.base.code_ids(features) if need_ids else None
-    base_error = model.base_error(pixels, gt_ids) if need_floor else torch.zeros(batch, device=pixels.device)
-    state = ENCODER_STATES[config.rollout](model, model.encoder.embed_image(pixels, features), num_iterations)
-    decoder_queries = model.decoder.normed_queries()
-
-    active = torch.arange(batch, device=pixels.device)
     tokens: list[Tensor | None] = [None] * batch
     chosen = torch.full((batch,), num_iterations, dtype=torch.long)
     best_error = torch.full((batch,), float("inf")) if selecting else None
-    best_score = torch.full((batch,), float("inf")) if selecting else None
 
     for t in range(num_iterations):
-        latents = state.step(t)
+        latents = run.encode_step()
         last = t == num_iterations - 1
         halting_now = halting_threshold is not None and not last
         need_logits = selecting or halting_now or trace is not None
         if not (last or need_logits):
             continue
 
-        vectors = model.encoder.to_token_vectors(latents).float()
-        ids = model.quantizer.quantize(vectors) if model.quantizer is not None else None
+        vectors, ids = run.tokens(latents)
         step_tokens = ids if ids is not None else vectors
-        logits = gt_prob = halt_mask = recon = error = score = None
+        logits = code_prob = halt_mask = recon = error = None
         if need_logits:
-            logits = model.decoder(model.decoder_inputs(step_tokens), decoder_queries).float()
-        if gt_ids is not None and logits is not None:
-            gt_prob = torch.softmax(logits, dim=-1).gather(-1, gt_ids[:, :, None])[..., 0]
-        if halting_threshold is not None and gt_prob is not None:
-            halt_mask = gt_prob >= halting_threshold
-            if not last:
-                state.halt(halt_mask)
+            logits = run.decode(step_tokens)
+            code_prob = run.code_prob(logits)
+        if halting_threshold is not None and code_prob is not None:
+            halt_mask = run.halt(code_prob)
         if selecting or trace is not None:
-            recon = model.reconstruct(logits).float()
-            error = (recon - pixels.float()).abs().mean(dim=(1, 2, 3))
-            score = length_score(error, base_error, floor_weight)
+            recon, error = run.error(logits)
         if trace is not None:
-            trace(IterationRecord(t, active.cpu(), latents.float(), vectors, ids, logits, gt_prob, halt_mask,
-                                  recon, error, score))
+            trace(IterationRecord(t, run.active.cpu(), latents.float(), vectors, ids, logits, code_prob, halt_mask,
+                                  recon, error))
 
         if not selecting:
             if last:
-                for row, image in enumerate(active.tolist()):
+                for row, image in enumerate(run.active.tolist()):
                     tokens[image] = step_tokens[row].clone()
             continue
-        error_cpu, score_cpu = error.cpu(), score.cpu()
-        not_finite = ~torch.isfinite(score_cpu)
-        if not_finite.any():  # NaN compares False with everything: no length would ever be chosen
-            row = int(not_finite.nonzero()[0])
-            raise ValueError(f"the model's reconstruction of image {int(active[row])} of the batch at {t + 1} "
-                             f"iterations has a non-finite error ({float(error_cpu[row])}): the model's weights "
-                             "overflow, so no length can be chosen")
-        for row, image in enumerate(active.tolist()):
-            if score_cpu[row] < best_score[image]:
-                best_score[image], best_error[image] = score_cpu[row], error_cpu[row]
+        error_cpu = check_finite(error).cpu()
+        for row, image in enumerate(run.active.tolist()):
+            if error_cpu[row] < best_error[image]:
+                best_error[image] = error_cpu[row]
                 tokens[image] = step_tokens[row].clone()
                 chosen[image] = t + 1
-        keep = score_cpu > length_threshold
+        keep = error_cpu > length_threshold
         if last or not keep.any():
             break
         if not keep.all():
-            rows = keep.nonzero()[:, 0].to(pixels.device)
-            active, pixels = active[rows], pixels[rows]
-            gt_ids = gt_ids[rows] if gt_ids is not None else None
-            base_error = base_error[rows]
-            state.select(rows)
+            run.keep(keep.nonzero()[:, 0])
 
-    return RolloutOutput(tokens=tokens, num_iterations=chosen,  # type: ignore[arg-type]
-                         errors=best_error, length_scores=best_score)
+    return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=best_error)  # type: ignore[arg-type]
+
+
+def check_finite(error: Tensor) -> Tensor:
+    """``error`` itself; ValueError when the model produced a non-finite reconstruction (broken weights)."""
+    if not torch.isfinite(error).all():
+        raise ValueError("the model produced a non-finite (NaN or infinite) reconstruction error, so no length "
+                         "can be chosen by halt_threshold; its weights are broken (check the model files)")
+    return error

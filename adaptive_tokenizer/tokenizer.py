@@ -15,11 +15,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .config import ModelConfig, check_halt_threshold, check_length_floor_weight
+from .config import ModelConfig
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, load_images
 from .io_utils import write_atomic
 from .model import ALITModel
+from .length_rules import LENGTH_RULES, LengthRule, choose_length, missing_predictor_message, predict_errors
 from .rollout import IterationRecord, rollout
 
 if TYPE_CHECKING:
@@ -34,15 +35,16 @@ class EncodeResult:
     """Tokens of a batch of images; lengths may differ between images.
 
     ``tokens[i]``: ``[L_i]`` int64 code ids (quantized models) or ``[L_i, D]`` float32 vectors (continuous).
-    ``num_tokens``: ``[N]`` int64, ``L_i``. ``errors``: ``[N]`` float32 mean absolute pixel error of the chosen
-    length; ``length_scores``: ``[N]`` float32 what ``halt_threshold`` was compared with at that length (both only
-    when ``halt_threshold`` was given, else None; see :meth:`AdaptiveTokenizer.encode`).
+    ``num_tokens``: ``[N]`` int64, ``L_i``. ``errors``: ``[N]`` float32 *measured* mean absolute pixel error of
+    the chosen length (``halt_threshold`` with the ``"exact"`` or ``"search"`` rule; else None).
+    ``predicted_errors``: ``[N]`` float32 the length predictor's *estimate* of that error (``"predicted"`` rule
+    only; else None). See :meth:`AdaptiveTokenizer.encode`.
     """
 
     tokens: list[Tensor]
     num_tokens: Tensor
     errors: Tensor | None = None
-    length_scores: Tensor | None = None
+    predicted_errors: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -163,41 +165,65 @@ class AdaptiveTokenizer:
         return self.config.tokens_per_iteration
 
     # ---- encode --------------------------------------------------------------------------------------------
-    def encode(self, images: ImageInput | Sequence[ImageInput], max_tokens: int | None = None,
-               halt_threshold: float | None = None, budget: int | None = None,
-               length_floor_weight: float | None = None) -> EncodeResult:
+    def encode(self, images: ImageInput | Sequence[ImageInput], *, max_tokens: int | None = None,
+               budget: int | None = None, halt_threshold: float | None = None,
+               length_rule: LengthRule | None = None) -> EncodeResult:
         """Encode images into token sequences.
 
         ``max_tokens`` (alias ``budget``): tokens per image, at most; rounded down to a multiple of
-        ``tokens_per_iteration``; default the model's maximum. Only the iterations it needs are run.
-        ``halt_threshold``: choose each image's length as the fewest tokens whose length score is ``<=`` the
-        threshold, else the length with the lowest score up to ``max_tokens``. The score is the reconstruction's
-        mean absolute error (pixels in [0, 1]) minus ``config.length_floor_weight`` times the base tokenizer's own
-        error on the image (the plain error for weight 0, the authors' rule; the default model's weight is in
-        its ``config.json``). Without it, every image gets exactly ``max_tokens`` tokens.
-        ``length_floor_weight``: that weight for this call, in [0, 1] (default: the model's).
+        ``tokens_per_iteration``; default the model's maximum. Only the iterations it needs are run. Without
+        ``halt_threshold`` every image gets exactly ``max_tokens`` tokens.
+        ``halt_threshold``: a target error. Each image gets the fewest tokens whose reconstruction's mean absolute
+        pixel error (pixels in [0, 1]) is ``<=`` it, else the length with the lowest error up to ``max_tokens``.
+        ``length_rule``: how that length is found (``length_rules.py``): ``"exact"`` (default: decode every length
+        up to the answer), ``"search"`` (decode around the predicted length; the same lengths when an image's error
+        crosses the target once, about half the decodes), ``"predicted"`` (the model's length predictor alone: no
+        decoding, fixed-budget speed; needs a model with a predictor).
         """
         num_iterations = self._iterations_for(max_tokens, budget)
-        halt_threshold = check_halt_threshold(halt_threshold)
-        if length_floor_weight is not None:
-            length_floor_weight = check_length_floor_weight(length_floor_weight)
+        rule = self._length_rule(halt_threshold, length_rule)
+        if halt_threshold is not None:
+            halt_threshold = check_halt_threshold(halt_threshold)
         pixels = load_images(images, self.config.image_size)
-        tokens: list[Tensor] = []
-        iterations, errors, scores = [], [], []
+        parts = []
         with torch.inference_mode():
             for start in range(0, len(pixels), self.batch_size):
-                out = rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
-                              halting_threshold=self._halting_threshold(), length_threshold=halt_threshold,
-                              length_floor_weight=length_floor_weight)
-                tokens += [t.cpu() for t in out.tokens]
-                iterations.append(out.num_iterations)
-                if out.errors is not None:
-                    errors.append(out.errors)
-                    scores.append(out.length_scores)
-        num_tokens = torch.cat(iterations) * self.tokens_per_iteration
-        if not errors:
-            return EncodeResult(tokens, num_tokens)
-        return EncodeResult(tokens, num_tokens, torch.cat(errors), torch.cat(scores))
+                batch = pixels[start : start + self.batch_size].to(self.device)
+                if rule is None:
+                    out = rollout(self.model, batch, num_iterations, halting_threshold=self._halting_threshold())
+                else:
+                    out = choose_length(self.model, batch, num_iterations, halt_threshold, rule,
+                                        halting_threshold=self._halting_threshold())
+                parts.append(out)
+        tokens = [t.cpu() for out in parts for t in out.tokens]
+        num_tokens = torch.cat([out.num_iterations for out in parts]) * self.tokens_per_iteration
+        errors = torch.cat([out.errors for out in parts]) if parts[0].errors is not None else None
+        predicted = (torch.cat([out.predicted_errors for out in parts]) if parts[0].predicted_errors is not None
+                     else None)
+        return EncodeResult(tokens, num_tokens, errors, predicted)
+
+    def _length_rule(self, halt_threshold: float | None, length_rule: str | None) -> str | None:
+        if length_rule is None:
+            return None if halt_threshold is None else "exact"
+        if length_rule not in LENGTH_RULES:
+            raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
+        if halt_threshold is None:
+            raise ValueError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
+                             "too (without it every image gets max_tokens tokens)")
+        if length_rule == "predicted" and self.model.length_predictor is None:
+            raise ValueError(missing_predictor_message())
+        return length_rule
+
+    def predict_errors(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """The length predictor's estimate of each image's mean absolute pixel error at every length, ``[N, I]``
+        float32 (lengths ``tokens_per_iteration * (1..max_iterations)``), from one encoder iteration. A prediction,
+        not a measurement (:meth:`reconstructions` measures). ValueError for a model without a predictor."""
+        if self.model.length_predictor is None:
+            raise ValueError(missing_predictor_message())
+        pixels = load_images(images, self.config.image_size)
+        with torch.inference_mode():
+            return torch.cat([predict_errors(self.model, pixels[start : start + self.batch_size].to(self.device)).cpu()
+                              for start in range(0, len(pixels), self.batch_size)])
 
     def reconstructions(self, images: ImageInput | Sequence[ImageInput],
                         max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
@@ -205,8 +231,7 @@ class AdaptiveTokenizer:
 
         Returns ``(pixels [N, I, 3, R, R] in [0, 1], errors [N, I])`` for ``I`` iterations (budgets
         ``tokens_per_iteration * (1..I)``); errors are mean absolute pixel errors of the unclamped output,
-        the quantity ``halt_threshold`` compares when ``config.length_floor_weight`` is 0 (else see
-        :meth:`base_errors`).
+        the quantity ``halt_threshold`` is a target for.
         """
         num_iterations = self._iterations_for(max_tokens, None)
         pixels = load_images(images, self.config.image_size)
@@ -222,8 +247,7 @@ class AdaptiveTokenizer:
 
     def base_errors(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """``[N]`` float32 mean absolute pixel error of the base tokenizer's own (unclamped) reconstruction: the
-        floor of every budget. ``halt_threshold`` compares ``errors - config.length_floor_weight * base_errors``
-        (``errors`` from :meth:`reconstructions`; :meth:`ALITModel.length_score`)."""
+        floor of every budget."""
         pixels = load_images(images, self.config.image_size)
         base, out = self.model.base, []
         with torch.inference_mode():
@@ -404,3 +428,16 @@ def save_model_files(directory: str | os.PathLike, config: ModelConfig, weights:
                 CONFIG_NAME: config.to_json_string().encode()}
     for name, data in contents.items():
         write_atomic(directory / name, data, parents=True)
+
+
+def check_halt_threshold(value: object) -> float:
+    """``halt_threshold`` as a float: any real number type (Python, NumPy, a 0-d tensor) that is finite and >= 0."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    elif isinstance(value, np.generic) and np.issubdtype(value.dtype, np.number) \
+            and not np.issubdtype(value.dtype, np.complexfloating):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"halt_threshold must be a non-negative number (a target mean absolute pixel error, pixels "
+                         f"in [0, 1]), got {value!r}")
+    return float(value)

@@ -1,6 +1,7 @@
 """Variable-length image tokens as input to a small downstream transformer (text + image vocabulary).
 
-    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.025]
+    python examples/downstream_transformer.py IMAGE [IMAGE ...] [--model MODEL] [--halt-threshold 0.06]
+    python examples/downstream_transformer.py --tokens TOKENIZED_DIR [--steps 3]
 
 Without ``--model`` it uses the default model embedded in the package; the model must have quantized latents.
 
@@ -8,16 +9,22 @@ Each image is encoded adaptively (its own length), then every row becomes
 ``[text prompt] <boi> [image ids] <eoi> <pad> ...`` in one combined vocabulary: text ids ``[0, 1000)``, image
 ids at ``1000 + id``, then ``<boi>``, ``<eoi>``, ``<pad>``. A tiny causal ``nn.TransformerEncoder`` runs one
 forward pass with a key-padding mask, and a next-token loss ignores the padding.
+
+With ``--tokens`` it reads a folder written by ``adaptive-tokenizer tokenize`` through ``TokenDataset`` (rows read
+from the Parquet shards as needed) and ``collate_tokens`` (``<boi> [1000 + id] <eoi> <pad> ...``, attention mask,
+lengths), and trains the transformer for a few steps.
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from adaptive_tokenizer import AdaptiveTokenizer
+from adaptive_tokenizer.token_dataset import TokenDataset, collate_tokens
 
 TEXT_VOCAB = 1000
 
@@ -54,12 +61,48 @@ def build_sequences(image_ids: Tensor, image_mask: Tensor, prompt: Tensor, boi: 
     return ids, ids == pad
 
 
+def train_on_tokenized(directory: str, steps: int, batch_size: int = 8) -> None:
+    """A few training steps of TinyLM on ``<boi> image ids <eoi>`` rows of a tokenized folder."""
+    data = TokenDataset(directory)
+    if not data.config.quantized:
+        raise SystemExit("this example needs token ids; the folder holds continuous vectors")
+    boi, eoi, pad = (TEXT_VOCAB + data.config.codebook_size + i for i in range(3))
+    collate = partial(collate_tokens, offset=TEXT_VOCAB, begin_id=boi, end_id=eoi, pad_id=pad)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = TinyLM(vocab_size=pad + 1, max_len=data.config.max_tokens + 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    print(f"{len(data)} tokenized images in {directory}")
+    batches = iter(loader)
+    for step in range(steps):
+        batch = next(batches, None)
+        if batch is None:  # another epoch
+            batches = iter(loader)
+            batch = next(batches)
+        ids, padding = batch["input_ids"], ~batch["attention_mask"]
+        logits = model(ids, padding)
+        targets = ids[:, 1:].masked_fill(padding[:, 1:], -100)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        print(f"step {step}: batch {tuple(ids.shape)}, lengths {batch['lengths'].tolist()}, loss {loss.item():.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+")
+    parser.add_argument("images", nargs="*")
     parser.add_argument("--model", default=None, help="default: the embedded default model")
-    parser.add_argument("--halt-threshold", type=float, default=0.025)
+    parser.add_argument("--halt-threshold", type=float, default=0.06)
+    parser.add_argument("--tokens", metavar="DIR", help="train on a folder written by `adaptive-tokenizer tokenize`")
+    parser.add_argument("--steps", type=int, default=3, help="training steps with --tokens (default: 3)")
     args = parser.parse_args()
+    if args.tokens:
+        train_on_tokenized(args.tokens, args.steps)
+        return
+    if not args.images:
+        parser.error("give images to encode, or --tokens DIR")
 
     tok = AdaptiveTokenizer.from_pretrained(args.model)
     if not tok.config.quantized:

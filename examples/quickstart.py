@@ -1,6 +1,6 @@
 """Quickstart: one image at several token budgets, and adaptively, with a labelled PNG strip.
 
-    python examples/quickstart.py IMAGE [--model MODEL] [-o quickstart_strip.png] [--halt-threshold 0.025]
+    python examples/quickstart.py IMAGE [--model MODEL] [-o quickstart_strip.png] [--halt-threshold 0.06]
 
 Without ``--model`` it uses the default model embedded in the package (``AdaptiveTokenizer.from_pretrained()``,
 no download); ``--model`` takes anything ``from_pretrained`` takes (a name, ``org/name``, a directory).
@@ -29,9 +29,8 @@ def main() -> None:
     parser.add_argument("image")
     parser.add_argument("--model", default=None, help="default: the embedded default model")
     parser.add_argument("-o", "--output", default="quickstart_strip.png")
-    parser.add_argument("--halt-threshold", type=float, default=0.025,
-                        help="adaptive length: fewest tokens whose length score (mean absolute pixel error, minus "
-                             "the model's length_floor_weight x the base tokenizer's own) is <= this")
+    parser.add_argument("--halt-threshold", type=float, default=0.06,
+                        help="adaptive length: fewest tokens whose mean absolute pixel error is <= this")
     args = parser.parse_args()
 
     tok = AdaptiveTokenizer.from_pretrained(args.model)
@@ -49,8 +48,8 @@ def main() -> None:
     result = tok.encode(image, halt_threshold=args.halt_threshold)  # the image picks its own length
     pixels = tok.decode(result)
     count, error = int(result.num_tokens[0]), (pixels - image).abs().mean().item()
-    print(f"adaptive (threshold {args.halt_threshold}): {count} tokens, L1 {error:.4f} "
-          f"(length score the choice compared: {float(result.length_scores[0]):.4f})")
+    print(f"adaptive (target {args.halt_threshold}): {count} tokens, L1 {error:.4f} "
+          f"(unclamped error the choice compared: {float(result.errors[0]):.4f})")
     panels.append(panel(pixels[0]))
     labels.append(f"adaptive {count} tok  L1 {error:.3f}")
 

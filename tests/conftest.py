@@ -1,8 +1,6 @@
 """Shared fixtures: the authors' tiny checkpoints converted once per session, their inputs and goldens."""
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -44,17 +42,6 @@ def converted_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tok_a(converted_dirs) -> AdaptiveTokenizer:
     return AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
-
-
-@pytest.fixture(scope="session")
-def tok_floor(converted_dirs, tmp_path_factory) -> AdaptiveTokenizer:
-    """Variant A with ``length_floor_weight`` 0.5 in its config.json (halt_threshold compares error - 0.5 * the
-    base tokenizer's own error)."""
-    directory = tmp_path_factory.mktemp("alit_tiny_A_floor") / "model"
-    shutil.copytree(converted_dirs["A"], directory)
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "length_floor_weight": 0.5}))
-    return AdaptiveTokenizer.from_pretrained(directory)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adaptive_tokenizer import ModelConfig, VQGANConfig
+from adaptive_tokenizer.config import LengthPredictorConfig
 from adaptive_tokenizer.base_tokenizer import VQGAN
 
 
@@ -41,14 +42,16 @@ def test_base_architecture_options_round_trip_and_default_for_older_files(tmp_pa
     assert block.shortcut.in_channels == block.shortcut.out_channels == 64
 
 
-def test_length_floor_weight_round_trips_and_defaults_to_the_authors_rule(tmp_path):
-    config = ModelConfig().replace(length_floor_weight=0.78)
+def test_length_predictor_round_trips_and_defaults_to_none(tmp_path):
+    head = LengthPredictorConfig(features=("pixels", "class"), hidden=16, num_inputs=11 + 512)
+    config = ModelConfig().replace(length_predictor=head)
     config.to_json(tmp_path / "config.json")
-    assert ModelConfig.from_json(tmp_path / "config.json").length_floor_weight == 0.78
+    assert ModelConfig.from_json(tmp_path / "config.json") == config
     data = json.loads((tmp_path / "config.json").read_text())
-    del data["length_floor_weight"]  # written before the field existed
+    assert data["length_predictor"] == {"features": ["pixels", "class"], "hidden": 16, "num_inputs": 523}
+    del data["length_predictor"]  # written before the field existed
     (tmp_path / "old.json").write_text(json.dumps(data))
-    assert ModelConfig.from_json(tmp_path / "old.json").length_floor_weight == 0.0
+    assert ModelConfig.from_json(tmp_path / "old.json").length_predictor is None
 
 
 def test_frozen():
@@ -68,10 +71,10 @@ def test_derived_sizes():
     ({"factorize_latent": False}, "factorize_latent"),
     ({"max_iterations": 9}, "decoder_max_latent_tokens"),
     ({"dynamic_halting_threshold": 1.5}, "probability"),
-    ({"length_floor_weight": 1.5}, "length_floor_weight is a number in \\[0, 1\\], got 1.5"),
-    ({"length_floor_weight": -0.1}, "length_floor_weight"),
-    ({"length_floor_weight": float("nan")}, "length_floor_weight"),
-    ({"length_floor_weight": True}, "length_floor_weight"),
+    ({"length_predictor": {"features": ["latents", "pixels"], "num_inputs": 5}}, "subset of .* in that order"),
+    ({"length_predictor": {"features": ["pixels"], "hidden": -1, "num_inputs": 11}}, "hidden must be an int"),
+    ({"length_predictor": {"features": ["pixels"], "num_inputs": 0}}, "num_inputs must be a positive int"),
+    ({"length_predictor": {"features": ["pixels"], "num_inputs": 11, "depth": 2}}, "unknown fields \\['depth'\\]"),
     ({"encoder_layers": 0}, "encoder_layers must be a positive int"),
     ({"encoder_width": 256, "encoder_heads": 8}, "must exceed base.z_channels"),
 ])

@@ -310,23 +310,6 @@ def test_adaptive_choices_equal_encode(evaluation, tok_a, image_folder):
     assert np.mean(all_l1) == pytest.approx(levels[target]["mean_l1"])
 
 
-def test_adaptive_choices_with_a_length_floor_weight_equal_encode(tok_floor, image_folder, tmp_path):
-    """With ``length_floor_weight`` the report's length scores are error - w * base error and its choices are
-    still exactly encode(halt_threshold=t)'s."""
-    report = ev.evaluate_folder(tok_floor, image_folder, tmp_path / "out", max_tokens=64, batch_size=3, progress=False)
-    rows = report["images"]
-    paths = [str(image_folder / row["file"]) for row in rows]
-    base_errors = tok_floor.base_errors(paths).tolist()
-    assert report["metadata"]["model_summary"]["length_floor_weight"] == 0.5
-    for row, base_error in zip(rows, base_errors):
-        assert row["length_score"] == pytest.approx([e - 0.5 * base_error for e in row["error_unclamped"]], abs=1e-6)
-    levels = report["adaptive"]["levels"]
-    assert len(levels) > 1
-    for index, level in enumerate(levels):
-        result = tok_floor.encode(paths, max_tokens=64, halt_threshold=level["threshold"])
-        assert result.num_tokens.tolist() == [row["chosen_tokens"][index] for row in rows]
-
-
 def test_complexity_section(evaluation):
     *_, report = evaluation
     cx = report["complexity"]

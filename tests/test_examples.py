@@ -55,3 +55,14 @@ def test_downstream_transformer(model_dir, image_paths, tmp_path):
     result = run_example("downstream_transformer.py", *image_paths, "--model", model_dir, "--halt-threshold", "0.5",
                          cwd=tmp_path)
     assert "logits (3, " in result.stdout and "vocab 1131" in result.stdout
+
+
+def test_downstream_transformer_trains_on_a_tokenized_folder(model_dir, image_paths, tmp_path):
+    pytest.importorskip("pyarrow")
+    from adaptive_tokenizer.cli import main
+
+    tokens = tmp_path / "tokens"
+    assert main(["tokenize", str(image_paths[0].parent), str(tokens), "--model", str(model_dir), "--budget", "32"]) == 0
+    result = run_example("downstream_transformer.py", "--tokens", tokens, "--steps", "2", cwd=tmp_path)
+    assert "3 tokenized images" in result.stdout
+    assert "step 1: batch (3, 34), lengths [34, 34, 34], loss " in result.stdout

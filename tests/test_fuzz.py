@@ -236,7 +236,7 @@ def test_fuzz_encode_in_memory_inputs_and_arguments(tok):
             kwargs = {"max_tokens": random_number(rng) if rng.random() < 0.3 else rng.choice([None, 8, 16, 32]),
                       "halt_threshold": random_number(rng) if rng.random() < 0.3 else rng.choice([None, 0.1, 0.3])}
             if rng.random() < 0.5:
-                kwargs["length_floor_weight"] = random_number(rng)
+                kwargs["length_rule"] = rng.choice(["exact", "search", "predicted", "bogus", 3, None])
             kwargs = {k: v for k, v in kwargs.items() if v is not None or rng.random() < 0.5}
             outcomes.run(f"encode {index}: {type(images).__name__} {getattr(images, 'shape', '')} "
                          f"{getattr(images, 'dtype', getattr(images, 'mode', ''))} {kwargs}",
@@ -310,7 +310,7 @@ def test_fuzz_cli(capsys, tok, model_dir, tmp_path):
         path.write_bytes(data[: rng.choice([len(data), len(data) // 2])])
         token_files.append(path)
     before = set(inputs.iterdir())
-    flags = ["--budget", "--max-tokens", "--halt-threshold", "--batch-size", "--length-floor-weight", "--dtype",
+    flags = ["--budget", "--max-tokens", "--halt-threshold", "--batch-size", "--length-rule", "--dtype",
              "--device", "--bogus"]
     values = ["8", "0", "-1", "nan", "1e9", "x", "bf16", "cpu", "toaster", ""]
     with memory_budget():

@@ -284,7 +284,7 @@ def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
     for copy in copies:
         copy.write_text(MANIFEST_PATH.read_text())
     entry = ship(converted_dirs["A"], "tiny-test", description="tiny", license="other", training_data="fixtures",
-                 recipe="adaptive-tokenizer convert", default=True, length_floor_weight=0.5, package_dir=package,
+                 recipe="adaptive-tokenizer convert", default=True, package_dir=package,
                  manifest_copies=copies)
     assert copies[0].read_text() == copies[1].read_text()
     manifest = json.loads(copies[0].read_text())
@@ -294,7 +294,6 @@ def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
     assert (package / "weights" / "tiny-test" / "README.md").is_file()
     tok = AdaptiveTokenizer.from_pretrained(manifest=copies[0])  # the default, checksums verified
     assert len(tok.encode(torch.rand(3, 64, 64), budget=32).tokens[0]) == 32
-    assert tok.config.length_floor_weight == 0.5  # the option, written into the shipped config.json
 
 
 def test_latent_grid_positions_cover_the_grid_coarse_to_fine():

@@ -1,10 +1,9 @@
 """Ship a trained model inside the package: fp16 weights, model card, and its weights-manifest entry.
 
     python -m training.ship --model /work/runs/alit/export --name alit-photos-128 --default \
-        --description "..." --training-data "..." --recipe "..." [--length-floor-weight W]
+        --description "..." --training-data "..." --recipe "..."
 
-``--length-floor-weight``: the shipped config's ``length_floor_weight`` (the adaptive-length rule; select it on
-held-out files with ``python -m training.stopping_rules ... --floor-weights``); default: the export's.
+The export may carry a length predictor (``adaptive-tokenizer fit-length-predictor``): it is shipped with it.
 
 Writes ``adaptive_tokenizer/weights/NAME/`` (``config.json``, fp16 ``model.safetensors``, ``README.md`` card,
 ``training_provenance.json`` when the export has one), then the entry (sizes, sha256, licence, provenance) into both
@@ -33,12 +32,12 @@ MAX_MEGABYTES = 25.0
 
 
 def ship(model_dir: Path, name: str, *, description: str, license: str, training_data: str, recipe: str,
-         default: bool, length_floor_weight: float | None = None, package_dir: Path = MANIFEST_PATH.parent,
+         default: bool, package_dir: Path = MANIFEST_PATH.parent,
          manifest_copies: tuple[Path, ...] = (MANIFEST_PATH, REPO_ROOT / "weights_manifest.json")) -> dict:
     """Copy ``model_dir`` (a ``save_pretrained`` export) into the package as fp16 and register it; returns the
     manifest entry."""
     tok = AdaptiveTokenizer.from_pretrained(model_dir)
-    config = tok.config if length_floor_weight is None else tok.config.replace(length_floor_weight=length_floor_weight)
+    config = tok.config
     weights = {key: value.detach().to(torch.float16) for key, value in tok.model.state_dict().items()}
     target = package_dir / "weights" / name
     if target.resolve() == Path(model_dir).resolve():
@@ -86,12 +85,9 @@ def main() -> None:
     parser.add_argument("--license", default="other", help="Hub licence id of the weights (default: other)")
     parser.add_argument("--training-data", required=True, help="sources and licences of the training images")
     parser.add_argument("--recipe", required=True, help="the commands that trained the model")
-    parser.add_argument("--length-floor-weight", type=float, default=None,
-                        help="the shipped config's length_floor_weight (default: the export's)")
     args = parser.parse_args()
     ship(args.model, args.name, description=args.description, license=args.license,
-         training_data=args.training_data, recipe=args.recipe, default=args.default,
-         length_floor_weight=args.length_floor_weight)
+         training_data=args.training_data, recipe=args.recipe, default=args.default)
 
 
 if __name__ == "__main__":

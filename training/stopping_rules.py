@@ -10,10 +10,10 @@ and how well its lengths follow image complexity (Spearman against JPEG bytes pe
 Rules (each image takes the first length whose quantity is ``<=`` the threshold, else its lowest):
 
 * ``l1_input``: L1 of the (unclamped) reconstruction against the input: the authors' rule, what
-  ``encode(halt_threshold=...)`` compares for a model whose ``length_floor_weight`` is 0;
-* ``l1_floor(w)``: that L1 minus ``w`` times the base tokenizer's own (unclamped) L1 on the image
-  (``adaptive_tokenizer.model.length_score``), what ``encode`` compares for ``length_floor_weight`` ``w``: shown
-  for the model's own weight when it is not 0;
+  ``encode(halt_threshold=...)`` compares;
+* ``l1_floor(w)``: that L1 minus ``w`` times the base tokenizer's own (unclamped) L1 on the image (:func:`floor_score`;
+  the rule the first releases shipped as ``length_floor_weight``, no longer part of the library: see
+  ``--floor-weights``);
 * ``l1_base``: L1 against the base tokenizer's own reconstruction (the distillation target);
 * ``entropy``: mean entropy (nats) of the decoder's distribution over the base codes.
 
@@ -21,7 +21,7 @@ Bounds, knowing every image's L1 at every length: ``best`` (:func:`adaptive_toke
 and ``best_rho>=0.6``, a seeded random search (simulated annealing, mean length fixed at the target) for the
 lowest mean L1 whose lengths keep Spearman >= 0.6; a search, so an upper bound on that optimum.
 
-``--floor-weights``: ``l1_floor(w)`` for w = 0, 0.01, ..., 1 and the selection the default model's
+``--floor-weights``: ``l1_floor(w)`` for w = 0, 0.01, ..., 1 and the selection the second release's
 ``length_floor_weight`` was made by (on held-out files, never on the evaluation photos): the weight with the
 highest Spearman among those whose mean L1 is below the fixed budget's (the smallest such weight on ties).
 """
@@ -39,8 +39,12 @@ from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.evaluate import (base_reconstruction, best_allocation, choose_iterations, jpeg_complexity,
                                          l1_error, spearman, TARGET_TOKENS)
 from adaptive_tokenizer.image_io import list_image_files, load_images
-from adaptive_tokenizer.model import length_score
 from adaptive_tokenizer.rollout import IterationRecord, rollout
+
+
+def floor_score(error: torch.Tensor, base_error: torch.Tensor, weight: float) -> torch.Tensor:
+    """``error - weight * base_error``: the reconstruction error above a share of the base tokenizer's own."""
+    return error - weight * base_error
 
 
 def per_image_curves(tok: AdaptiveTokenizer, inputs: torch.Tensor) -> dict[str, np.ndarray]:
@@ -81,7 +85,7 @@ def floor_weight_sweep(l1: np.ndarray, errors: np.ndarray, base_errors: np.ndarr
     fixed_l1 = l1[:, int(round(target_units)) - 1].mean()
     rows, selected = [], None
     for weight in weights:
-        quantity = length_score(torch.from_numpy(errors), torch.from_numpy(base_errors), float(weight)).numpy()
+        quantity = floor_score(torch.from_numpy(errors), torch.from_numpy(base_errors), float(weight)).numpy()
         chosen = rule_lengths(quantity, target_units)
         row = {"weight": float(weight), "mean_l1": float(l1[np.arange(len(l1)), chosen].mean()),
                "spearman": spearman(chosen + 1, complexity), "mean_units": float((chosen + 1).mean())}
@@ -149,10 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     target_units = args.target_tokens / tok.tokens_per_iteration
     rows = np.arange(len(paths))
     choices = {name: rule_lengths(quantity, target_units) for name, quantity in curves.items()}
-    weight = tok.config.length_floor_weight
-    if weight:
-        quantity = length_score(torch.from_numpy(curves["l1_input"]), torch.from_numpy(base_errors), weight)
-        choices[f"l1_floor({weight:g})"] = rule_lengths(quantity.numpy(), target_units)
     choices["best"] = best_allocation(torch.from_numpy(l1), target_units).numpy()
     if float(target_units).is_integer():
         choices["best_rho>=0.6"] = constrained_search(l1, complexity, int(target_units), seed=args.seed)

@@ -1,0 +1,214 @@
+"""How ``encode(halt_threshold=E)`` chooses each image's length: three rules with one target.
+
+The target is the same for every rule: the fewest tokens whose reconstruction's mean absolute pixel error
+(pixels in [0, 1], unclamped, as :func:`~adaptive_tokenizer.rollout.pixel_error`) is ``<= E``; an image that
+no length up to the budget brings to ``E`` gets the length with the lowest error. The rules differ in how they
+find it:
+
+* ``"exact"``: decode every length from the shortest up until one meets ``E`` (the authors' algorithm, per
+  image; :func:`~adaptive_tokenizer.rollout.rollout` with ``length_threshold``). Always the fewest tokens.
+* ``"search"``: run the encoder, then decode only where the answer can be: start at the length the model's length
+  predictor expects (bisection when it has none) and step until a length meets ``E`` while the next shorter one
+  does not; when not even the longest length meets ``E``, the longest. It returns the exact rule's length
+  whenever an image's error falls as the length grows, which is the common case; where it does not (errors
+  can rise again with more tokens) it may stop at a longer length, which also meets ``E``, or, for an image that
+  no length brings to ``E``, take the longest rather than the lowest-error length. About half the decodes.
+* ``"predicted"``: the length predictor (``length_predictor.py``) estimates every length's error from what the
+  encoder computed at its first iteration; each image takes the first length whose estimate, times ``1 + margin``
+  (the predictor's safety margin against under-estimates), meets ``E``, and runs exactly the iterations that
+  length needs, with no decoder and no pixel decode, as a fixed budget does. Its error is predicted, not measured.
+
+Every rule decides each image on its own: its length never depends on the rest of the batch, and a chosen length
+``k`` gives exactly the tokens of ``encode(budget=k)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .length_predictor import feature_vector
+from .model import ALITModel
+from .rollout import RolloutOutput, RolloutRun, check_finite, pixel_error, rollout
+
+LengthRule = Literal["exact", "search", "predicted"]
+LENGTH_RULES: tuple[str, ...] = ("exact", "search", "predicted")
+
+
+def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
+    """The length rule on a table: errors ``[N, I]``, thresholds ``[T]`` -> chosen iteration index ``[T, N]``
+    (0-based): the first with error ``<=`` threshold, else the lowest-error one (first on ties).
+
+    The comparison is made in the errors' dtype (float32, as the rollout's), as the rollout compares its float32
+    errors with a Python float threshold: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
+    """
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(errors.dtype)
+    meets = errors[None] <= thresholds[:, None, None]  # [T, N, I]
+    first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
+    fallback = first_argmin(errors)[None].expand_as(first)
+    return torch.where(meets.any(dim=2), first, fallback)
+
+
+def first_argmin(errors: Tensor) -> Tensor:
+    """Index of the lowest value of each row ``[N, I]`` -> ``[N]``, the first one on ties."""
+    low = errors.min(dim=1, keepdim=True).values
+    return (errors == low).to(torch.uint8).argmax(dim=1)
+
+
+def choose_length(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, rule: str, *,
+                  halting_threshold: float | None = None) -> RolloutOutput:
+    """Tokens of ``pixels`` ``[N, 3, R, R]`` with each image's length chosen by ``rule`` for target ``threshold``
+    (see the module docstring). Call under ``torch.inference_mode()``."""
+    if rule == "exact":
+        return rollout(model, pixels, num_iterations, halting_threshold=halting_threshold,
+                       length_threshold=threshold)
+    if rule == "predicted":
+        return predicted_rollout(model, pixels, num_iterations, threshold, halting_threshold=halting_threshold)
+    if rule == "search":
+        return search_rollout(model, pixels, num_iterations, threshold, halting_threshold=halting_threshold)
+    raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
+
+
+def first_iteration_features(model: ALITModel, run: RolloutRun, latents: Tensor,
+                             groups: tuple[str, ...] | None = None) -> Tensor:
+    """The length predictor's raw input ``[n, F]`` once ``run`` has run its first iteration (``latents``: its
+    output). ``groups``: default the model's predictor's."""
+    groups = groups if groups is not None else model.length_predictor.groups
+    return feature_vector(groups, run.state.prefix_out, latents, run.base_features, run.pixels, model.base.codebook)
+
+
+def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_iterations: int) -> Tensor:
+    """The length predictor's error estimates ``[n, num_iterations]`` after the first iteration."""
+    return model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
+
+
+def predicted_choice(predicted: Tensor, threshold: float, margin: float) -> Tensor:
+    """The predicted rule's iteration indices ``[N]``: the exact rule on the estimates ``[N, I]`` times
+    ``1 + margin`` (the predictor's safety margin)."""
+    return choose_iterations(predicted * (1 + margin), [threshold])[0]
+
+
+def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
+    """The length predictor's estimate of every length's error ``[N, max_iterations]`` (one encoder iteration)."""
+    if model.length_predictor is None:
+        raise ValueError(missing_predictor_message())
+    run = RolloutRun(model, pixels, 1)
+    return _predicted_errors(model, run, run.encode_step(), model.config.max_iterations).float()
+
+
+def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, *,
+                      halting_threshold: float | None = None) -> RolloutOutput:
+    """The ``"predicted"`` rule: lengths from the predictor, then exactly those iterations, no pixel decode."""
+    if model.length_predictor is None:
+        raise ValueError(missing_predictor_message())
+    batch = pixels.shape[0]
+    run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold)
+    latents = run.encode_step()
+    predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
+    stop = predicted_choice(predicted, threshold, model.length_predictor.margin)  # [N] 0-based, per image
+    tokens: list[Tensor | None] = [None] * batch
+    for t in range(num_iterations):
+        if t > 0:
+            latents = run.encode_step()
+        finishing = stop[run.active.cpu()] == t
+        finishing_rows = finishing.nonzero()[:, 0]
+        if halting_threshold is not None and not bool(finishing.all()):  # the others go on: halt them
+            vectors, ids = run.tokens(latents)
+            step_tokens = ids if ids is not None else vectors
+            run.halt(run.code_prob(run.decode(step_tokens)))
+            step_tokens = step_tokens[finishing_rows.to(latents.device)]
+        else:
+            vectors, ids = run.tokens(latents[finishing_rows.to(latents.device)])
+            step_tokens = ids if ids is not None else vectors
+        for position, row in enumerate(finishing_rows.tolist()):
+            tokens[int(run.active[row])] = step_tokens[position].clone()
+        if bool(finishing.all()):
+            break
+        run.keep((~finishing).nonzero()[:, 0])
+    chosen = stop + 1
+    return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=None,  # type: ignore[arg-type]
+                         predicted_errors=predicted.gather(1, stop[:, None])[:, 0])
+
+
+class LengthSearch:
+    """Per-image bookkeeping of the ``"search"`` rule: which lengths were decoded and what they gave."""
+
+    def __init__(self, start: int, num_iterations: int, threshold: float, bisect: bool):
+        # compared in float32, as the exact rule compares its float32 errors with the threshold
+        threshold = float(torch.tensor(threshold, dtype=torch.float32))
+        self.num_iterations, self.threshold, self.bisect = num_iterations, threshold, bisect
+        self.errors: dict[int, float] = {}
+        self.start = start
+
+    def next_probe(self) -> int | None:
+        """The next iteration index to decode, or None when the length is decided."""
+        if not self.errors:
+            return self.start
+        passes = [t for t, e in self.errors.items() if e <= self.threshold]
+        if passes:
+            k = min(passes)
+            if k == 0 or (k - 1) in self.errors:
+                return None
+            below = max([t for t in self.errors if t < k], default=-1)  # a known failure (or none)
+            return (below + k) // 2 if self.bisect else k - 1
+        top = max(self.errors)
+        if top < self.num_iterations - 1:  # no length meets the target yet: look at longer ones
+            return (top + self.num_iterations) // 2 if self.bisect else top + 1
+        return None  # not even the longest meets it: the longest
+
+    def chosen(self) -> int:
+        passes = [t for t, e in self.errors.items() if e <= self.threshold]
+        return min(passes) if passes else self.num_iterations - 1
+
+
+def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, *,
+                   halting_threshold: float | None = None) -> RolloutOutput:
+    """The ``"search"`` rule: encode, then decode only the lengths needed to find where the error crosses the
+    target, starting from the predictor's length (bisection without a predictor)."""
+    batch = pixels.shape[0]
+    run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold)
+    latents = run.encode_step()
+    if model.length_predictor is not None:
+        predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
+        starts = predicted_choice(predicted, threshold, model.length_predictor.margin).tolist()
+    else:
+        starts = [(num_iterations - 1) // 2] * batch
+    searches = [LengthSearch(s, num_iterations, threshold, bisect=model.length_predictor is None) for s in starts]
+    step_tokens: list[Tensor] = []  # per iteration: tokens [N, L_t] of every image
+
+    def encode_through(iteration: int) -> None:
+        nonlocal latents
+        while len(step_tokens) <= iteration:
+            if step_tokens:
+                latents = run.encode_step()
+            vectors, ids = run.tokens(latents)
+            step_tokens.append(ids if ids is not None else vectors)
+            if halting_threshold is not None and run.iteration < num_iterations:
+                run.halt(run.code_prob(run.decode(step_tokens[-1])))
+
+    while True:
+        probes = {image: s.next_probe() for image, s in enumerate(searches)}
+        probes = {image: t for image, t in probes.items() if t is not None}
+        if not probes:
+            break
+        encode_through(max(probes.values()))
+        for t in sorted(set(probes.values())):
+            images = torch.tensor([image for image, p in probes.items() if p == t])
+            rows = images.to(run.pixels.device)
+            logits = run.model.decoder(run.model.decoder_inputs(step_tokens[t][rows]), run.decoder_queries).float()
+            error = check_finite(pixel_error(model.reconstruct(logits).float(), run.pixels[rows].float())).cpu()
+            for image, value in zip(images.tolist(), error.tolist()):
+                searches[image].errors[t] = value
+    chosen = torch.tensor([s.chosen() for s in searches], dtype=torch.long)
+    tokens = [step_tokens[int(t)][image].clone() for image, t in enumerate(chosen)]
+    errors = torch.tensor([s.errors[int(t)] for s, t in zip(searches, chosen)], dtype=torch.float32)
+    return RolloutOutput(tokens=tokens, num_iterations=chosen + 1, errors=errors)
+
+
+def missing_predictor_message() -> str:
+    return ("length_rule='predicted' needs a model with a length predictor, and this model has none; fit one with "
+            "`adaptive-tokenizer fit-length-predictor --model MODEL PHOTOS... -o OUT_DIR` (a few minutes on a CPU) "
+            "and load OUT_DIR, or use length_rule='exact' or 'search'")

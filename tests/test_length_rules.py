@@ -1,0 +1,235 @@
+"""Length rules of ``encode(halt_threshold=E, length_rule=...)``: one target, three ways to reach it.
+
+On small random models (both rollouts, halting on and off): the exact rule is the first length whose error meets
+the target; the search rule finds the same length wherever the error crosses the target once, with fewer pixel
+decodes; the predicted rule runs exactly the iterations its predicted length needs, with no decoder and no pixel
+decode, and a predicted length k gives exactly the tokens of ``encode(budget=k)``. Every rule decides each image
+alone. The length predictor round-trips through ``save_pretrained`` / ``from_pretrained``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_tokenizer import AdaptiveTokenizer
+from adaptive_tokenizer.fit_length_predictor import fit_head, measure_batch, with_predictor
+from adaptive_tokenizer.length_rules import LengthSearch, choose_iterations
+
+from .test_rollout import Counter, small_model
+
+BUDGET = 32  # 4 iterations of 8 tokens
+
+
+def tokenizer(rollout: str, halting: bool, predictor: bool) -> AdaptiveTokenizer:
+    model = small_model(rollout=rollout, dynamic_halting=halting, dynamic_halting_threshold=0.02)
+    if predictor:  # fitted on measured errors of random images, so its predictions vary between images
+        pixels = torch.rand(24, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+        features, errors = measure_batch(model, pixels, halting_threshold=0.02 if halting else None)
+        model = with_predictor(model, fit_head(model, features, errors, ("pixels", "class", "latents"), 8, steps=300))
+    return AdaptiveTokenizer(model, batch_size=4)
+
+
+@pytest.fixture(scope="module", params=[("cached", False), ("recurrent", False), ("cached", True)],
+                ids=["cached", "recurrent", "cached-halting"])
+def tok(request):
+    return tokenizer(*request.param, predictor=True)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    smooth = torch.nn.functional.interpolate(torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)),
+                                             size=64, mode="bilinear")
+    return torch.cat([torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)), smooth]).clamp(0, 1)
+
+
+def thresholds_of(tok, pixels):
+    """Thresholds between the measured errors: each spreads the images over several lengths."""
+    _, errors = tok.reconstructions(pixels, max_tokens=BUDGET)
+    values = errors.flatten().sort().values
+    return errors, [float((values[i] + values[i + 1]) / 2) for i in range(1, len(values) - 1, 3)]
+
+
+def crosses_once(row, threshold):
+    """Once met, met at every longer length; or never met with the lowest error at the longest length."""
+    meets = (row <= threshold).tolist()
+    if not any(meets):
+        return int(row.argmin()) == len(row) - 1
+    return all(a <= b for a, b in zip(meets, meets[1:]))
+
+
+def test_exact_rule_is_the_first_length_meeting_the_target(tok, pixels):
+    errors, thresholds = thresholds_of(tok, pixels)
+    for threshold in thresholds:
+        result = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule="exact")
+        expected = (choose_iterations(errors, [threshold])[0] + 1) * 8
+        assert result.num_tokens.tolist() == expected.tolist()
+        assert result.predicted_errors is None
+        assert result.errors.tolist() == pytest.approx(errors[range(len(pixels)), expected // 8 - 1].tolist(),
+                                                       abs=1e-6)
+
+
+def test_search_rule_finds_the_exact_length_where_the_error_crosses_once(tok, pixels):
+    errors, thresholds = thresholds_of(tok, pixels)
+    checked = 0
+    for threshold in thresholds:
+        exact = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule="exact")
+        search = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule="search")
+        for index, row in enumerate(errors):
+            chosen = int(search.num_tokens[index]) // 8 - 1
+            assert search.errors[index] == pytest.approx(row[chosen].item(), abs=1e-6)  # measured, not predicted
+            if row[-1] <= threshold:  # the longest length meets the target: the search's length meets it too
+                assert row[chosen] <= threshold + 1e-6 and chosen >= int(exact.num_tokens[index]) // 8 - 1
+            else:  # no length from the search's start on meets it: the longest
+                assert chosen == len(row) - 1 or row[chosen] <= threshold + 1e-6
+            if crosses_once(row, threshold):
+                checked += 1
+                assert search.num_tokens[index] == exact.num_tokens[index]
+                assert torch.equal(search.tokens[index], exact.tokens[index])
+    assert checked >= len(pixels)
+
+
+def test_search_on_a_table_reproduces_the_exact_rule_with_fewer_decodes():
+    """The search's bookkeeping on known error curves that fall with length: the exact rule's choice, fewer
+    decodes than the exact rule's (which decodes every length up to its choice) when the start is close."""
+    generator = torch.Generator().manual_seed(0)
+    curves = torch.rand(200, 8, generator=generator).sort(dim=1, descending=True).values
+    for threshold in (0.2, 0.5, 0.8):
+        exact = choose_iterations(curves, [threshold])[0]
+        for bisect, starts in ((True, [3] * 200), (False, exact.tolist())):
+            decodes = 0
+            for row, start, expected in zip(curves, starts, exact.tolist()):
+                search = LengthSearch(start, 8, threshold, bisect=bisect)
+                while (probe := search.next_probe()) is not None:
+                    search.errors[probe] = float(row[probe])
+                    decodes += 1
+                assert search.chosen() == expected
+            if not bisect:  # starting at the answer: itself and the next shorter length
+                assert decodes <= 2 * len(curves)
+            else:  # bisection: at most 4 decodes for 8 lengths
+                assert decodes <= 4 * len(curves)
+
+
+def test_predicted_rule_runs_exactly_the_predicted_iterations_without_decoding(tok, pixels):
+    predicted = tok.predict_errors(pixels)[:, : BUDGET // 8]
+    threshold = float(predicted.median())
+    expected = choose_iterations(predicted, [threshold])[0]
+    counters = [Counter(m) for m in (tok.model.encoder.transformer, tok.model.decoder, tok.model.base.decoder)]
+    result = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule="predicted")
+    encoder, decoder, pixel_decoder = (c.batch_sizes for c in counters)
+    for counter in counters:
+        counter.handle.remove()
+    assert result.num_tokens.tolist() == ((expected + 1) * 8).tolist()
+    assert len(set(result.num_tokens.tolist())) > 1  # the images got different lengths
+    assert result.errors is None  # nothing was measured ...
+    assert result.predicted_errors.tolist() == pytest.approx(predicted[range(len(pixels)), expected].tolist(),
+                                                             rel=1e-5)  # ... the estimate has its own field
+    assert pixel_decoder == []
+    if not tok.config.dynamic_halting:
+        assert decoder == []
+    # the encoder ran each image through its own number of iterations, no more
+    iterations_per_batch = []
+    for start in range(0, len(pixels), tok.batch_size):
+        iterations_per_batch.append(int(expected[start : start + tok.batch_size].max()) + 1)
+    assert len(encoder) == sum(iterations_per_batch)
+    for index in range(len(pixels)):  # a predicted length k gives exactly the tokens of encode(budget=k)
+        k = int(result.num_tokens[index])
+        assert torch.equal(result.tokens[index], tok.encode(pixels[index], budget=k).tokens[0])
+
+
+@pytest.mark.parametrize("rule", ["exact", "search", "predicted"])
+def test_every_rule_decides_each_image_alone(tok, pixels, rule):
+    _, thresholds = thresholds_of(tok, pixels)
+    threshold = thresholds[len(thresholds) // 2]
+    batch = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule=rule)
+    reversed_batch = tok.encode(list(pixels.flip(0)), max_tokens=BUDGET, halt_threshold=threshold, length_rule=rule)
+    again = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule=rule)
+    for index in range(len(pixels)):
+        alone = tok.encode(pixels[index], max_tokens=BUDGET, halt_threshold=threshold, length_rule=rule)
+        for other in (batch, again, reversed_batch):
+            position = index if other is not reversed_batch else len(pixels) - 1 - index
+            assert torch.equal(other.tokens[position], alone.tokens[0])
+            assert other.num_tokens[position] == alone.num_tokens[0]
+
+
+def test_predictor_round_trips_through_save_and_load(tok, pixels, tmp_path):
+    tok.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["length_predictor"]["features"] == ["pixels", "class", "latents"]
+    loaded = AdaptiveTokenizer.from_pretrained(tmp_path / "model")
+    assert torch.equal(loaded.predict_errors(pixels), tok.predict_errors(pixels))
+    threshold = float(tok.predict_errors(pixels).median())
+    a = tok.encode(pixels, halt_threshold=threshold, length_rule="predicted")
+    b = loaded.encode(pixels, halt_threshold=threshold, length_rule="predicted")
+    assert a.num_tokens.tolist() == b.num_tokens.tolist()
+
+
+def test_predicted_rule_needs_a_predictor(pixels):
+    plain = tokenizer("cached", False, predictor=False)
+    with pytest.raises(ValueError, match="fit-length-predictor"):
+        plain.encode(pixels, halt_threshold=0.1, length_rule="predicted")
+    with pytest.raises(ValueError, match="fit-length-predictor"):
+        plain.predict_errors(pixels)
+    # the measured rules work without one (the search bisects)
+    exact = plain.encode(pixels, halt_threshold=0.3, length_rule="exact")
+    assert plain.encode(pixels, halt_threshold=0.3, length_rule="search").num_tokens.shape == exact.num_tokens.shape
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"length_rule": "exact"}, "give halt_threshold"),
+    ({"halt_threshold": 0.1, "length_rule": "fastest"}, "length_rule must be one of"),
+    ({"halt_threshold": -0.1}, "non-negative"),
+    ({"halt_threshold": float("nan")}, "non-negative"),
+    ({"halt_threshold": True}, "non-negative"),
+    ({"halt_threshold": "0.1"}, "non-negative"),
+])
+def test_bad_length_arguments_are_rejected(tok, pixels, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tok.encode(pixels[0], **kwargs)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.3), np.float64(0.3), torch.tensor(0.3), 0.3])
+def test_any_real_scalar_is_a_threshold(tok, pixels, value):
+    reference = tok.encode(pixels, halt_threshold=float(np.float32(0.3)) if isinstance(value, np.float32)
+                           else 0.3)
+    if isinstance(value, torch.Tensor):
+        reference = tok.encode(pixels, halt_threshold=float(value))
+    assert tok.encode(pixels, halt_threshold=value).num_tokens.tolist() == reference.num_tokens.tolist()
+
+
+def test_fit_length_predictor_command_writes_a_loadable_model(tmp_path, capsys):
+    """``adaptive-tokenizer fit-length-predictor`` on a model without a predictor: measures the photos, selects a
+    head on the held-out ones, writes the model with it and the report; the model then encodes with
+    ``length_rule="predicted"``."""
+    from PIL import Image
+
+    from adaptive_tokenizer import cli
+    from adaptive_tokenizer.fit_length_predictor import fit_length_predictor
+
+    plain = tokenizer("cached", False, predictor=False)
+    plain.save_pretrained(tmp_path / "plain")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    generator = np.random.default_rng(0)
+    for index in range(12):  # smooth to noisy images
+        noise = generator.random((64, 64, 3)) * (index / 11)
+        base = np.linspace(0, 1, 64)[None, :, None] * np.ones((64, 64, 3)) * (1 - index / 11)
+        Image.fromarray(((noise + base) * 255).clip(0, 255).astype(np.uint8)).save(photos / f"p{index:02d}.png")
+    paths = sorted(photos.iterdir())
+    report = fit_length_predictor(plain, paths, tmp_path / "fitted", val_fraction=0.25, steps=30, log=lambda _: None,
+                                  measurements=tmp_path / "cache.safetensors")
+    assert report["num_val_images"] == 3 and report["num_train_views"] == 18  # 9 images x (centre, mirror)
+    assert len(report["candidates"]) == 6 and report["selected"] in [
+        {"features": c["features"], "hidden": c["hidden"]} for c in report["candidates"]]
+    fitted = AdaptiveTokenizer.from_pretrained(tmp_path / "fitted")
+    assert fitted.config.length_predictor.features == tuple(report["selected"]["features"])
+    assert json.loads((tmp_path / "fitted" / "fit_report.json").read_text())["selected"] == report["selected"]
+    result = fitted.encode(paths, halt_threshold=float(fitted.predict_errors(paths).median()), length_rule="predicted")
+    assert result.predicted_errors is not None and result.errors is None
+    # the command line, reusing the measurements cache
+    code = cli.main(["fit-length-predictor", "--model", str(tmp_path / "plain"), str(photos), "-o",
+                     str(tmp_path / "again"), "--val-fraction", "0.25", "--fit-steps", "30", "--measurements",
+                     str(tmp_path / "cache.safetensors")])
+    assert code == 0 and "fitted a length predictor" in capsys.readouterr().out
+    assert AdaptiveTokenizer.from_pretrained(tmp_path / "again").config.length_predictor is not None
