@@ -195,13 +195,18 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thresh
         if not probes:
             break
         encode_through(max(probes.values()))
+        # the decoder per length (sequences of one length together), then one pixel decode for the whole round
+        order, logits = [], []
         for t in sorted(set(probes.values())):
-            images = torch.tensor([image for image, p in probes.items() if p == t])
-            rows = images.to(run.pixels.device)
-            logits = run.model.decoder(run.model.decoder_inputs(step_tokens[t][rows]), run.decoder_queries).float()
-            error = check_finite(pixel_error(model.reconstruct(logits).float(), run.pixels[rows].float())).cpu()
-            for image, value in zip(images.tolist(), error.tolist()):
-                searches[image].errors[t] = value
+            images = [image for image, p in probes.items() if p == t]
+            rows = torch.tensor(images, device=run.pixels.device)
+            logits.append(run.decode(step_tokens[t][rows]))
+            order += [(image, t) for image in images]
+        rows = torch.tensor([image for image, _ in order], device=run.pixels.device)
+        reconstruction = model.reconstruct(torch.cat(logits)).float()
+        error = check_finite(pixel_error(reconstruction, run.pixels[rows].float())).cpu()
+        for (image, t), value in zip(order, error.tolist()):
+            searches[image].errors[t] = value
     chosen = torch.tensor([s.chosen() for s in searches], dtype=torch.long)
     tokens = [step_tokens[int(t)][image].clone() for image, t in enumerate(chosen)]
     errors = torch.tensor([s.errors[int(t)] for s, t in zip(searches, chosen)], dtype=torch.float32)
