@@ -82,7 +82,11 @@ def first_iteration_features(model: ALITModel, run: RolloutRun, latents: Tensor,
 
 def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_iterations: int) -> Tensor:
     """The length predictor's error estimates ``[n, num_iterations]`` after the first iteration."""
-    return model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
+    predicted = model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
+    if not torch.isfinite(predicted).all():
+        raise ValueError("the length predictor produced non-finite (NaN or infinite) error estimates; its weights or "
+                         "the model's are broken (check the model files, or refit it with fit-length-predictor)")
+    return predicted
 
 
 def predicted_choice(predicted: Tensor, threshold: float, margin: float) -> Tensor:

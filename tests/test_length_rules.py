@@ -259,3 +259,12 @@ def test_cli_encode_takes_the_length_rule(tmp_path, pixels, rule, stored):
     expected = tok.encode(paths, halt_threshold=threshold, length_rule=rule)
     assert stored_tensors["num_tokens"].tolist() == expected.num_tokens.tolist()
     assert set(stored_tensors) == {"tokens", "num_tokens", stored}
+
+
+def test_broken_predictor_weights_are_a_clear_error(pixels):
+    tok = tokenizer("cached", False, predictor=True)
+    with torch.no_grad():
+        tok.model.length_predictor.net[-1].bias.fill_(float("nan"))
+    for rule in ("predicted", "search"):
+        with pytest.raises(ValueError, match="non-finite"):
+            tok.encode(pixels, halt_threshold=0.1, length_rule=rule)
