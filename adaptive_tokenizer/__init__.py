@@ -1,5 +1,7 @@
 """adaptive-tokenizer: images <-> a variable number of discrete tokens (ALIT, ICLR 2025)."""
 
+from importlib import metadata as _metadata
+
 from .config import ModelConfig, VQGANConfig
 from .convert import convert_checkpoint
 from .hub import ChecksumError, ModelInfo, ModelNotFoundError, list_pretrained
@@ -7,4 +9,7 @@ from .tokenizer import AdaptiveTokenizer, EncodeResult
 
 __all__ = ["AdaptiveTokenizer", "ChecksumError", "EncodeResult", "ModelConfig", "ModelInfo", "ModelNotFoundError",
            "VQGANConfig", "convert_checkpoint", "list_pretrained"]
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("adaptive-tokenizer")  # the installed distribution's version (pyproject.toml)
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

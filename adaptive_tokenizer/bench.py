@@ -248,7 +248,8 @@ def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: 
     if model.length_predictor is not None:
         with torch.inference_mode():
             predicted = predict_errors(model, pixels).cpu()
-        rules.append(("predicted", threshold_for_mean_length(predicted, budgets, target_tokens)))
+        margin = model.length_predictor.margin  # the rule compares estimate x (1 + margin) with the target
+        rules.append(("predicted", threshold_for_mean_length(predicted * (1 + margin), budgets, target_tokens)))
     for rule, threshold in rules:
         m, outs[rule] = measure(rule, lambda r=rule, e=threshold: choose_length(model, pixels, iterations, e, r,
                                                                                  halting_threshold=halting),

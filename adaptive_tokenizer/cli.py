@@ -2,7 +2,8 @@
 
 Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
 for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
-halt threshold was used, ``errors`` (float32 ``[N]``). Their metadata holds ``format``, ``latent_kind`` and
+halt threshold was used, ``errors`` (float32 ``[N]``, the measured error of each chosen length; rules ``exact`` and
+``search``) or ``predicted_errors`` (the length predictor's estimate; rule ``predicted``). Their metadata holds ``format``, ``latent_kind`` and
 ``sources`` (a JSON list of the image paths). :func:`save_token_file` / :func:`load_token_file` read and write them.
 
 User errors (bad arguments, missing files, bad token files, anything the library rejects with ValueError,
@@ -69,6 +70,8 @@ def save_token_file(path: str | os.PathLike, result: EncodeResult, sources: Sequ
                "num_tokens": result.num_tokens.to(torch.int64).contiguous()}
     if result.errors is not None:
         tensors["errors"] = result.errors.to(torch.float32).contiguous()
+    if result.predicted_errors is not None:
+        tensors["predicted_errors"] = result.predicted_errors.to(torch.float32).contiguous()
     metadata = {"format": TOKEN_FORMAT, "latent_kind": latent_kind, "sources": json.dumps([str(s) for s in sources])}
     write_atomic(path, save(tensors, metadata=metadata), parents=True)
 

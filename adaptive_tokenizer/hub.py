@@ -62,6 +62,15 @@ PAPER_BIBTEX = """@inproceedings{duggal2025adaptive,
   year      = {2025}
 }"""
 
+LIBRARY_NAME = "adaptive-tokenizer"  # sent in the Hub's user agent, as timm and open_clip do
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # manifest names never contain "/", so never look like repo ids
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _REPO_SPEC = re.compile(rf"(?P<repo_id>{_REPO_ID.pattern})(@(?P<revision>[^@\s]+))?")
@@ -369,7 +378,8 @@ def _download(repo_id: str, filename: str, revision: str, *, model: str, manifes
     endpoint = constants.ENDPOINT
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only, token=token))
+                                    local_files_only=local_files_only, token=token, library_name=LIBRARY_NAME,
+                                    library_version=_library_version()))
     except GatedRepoError as err:
         raise ModelNotFoundError(f"{what}: the repo is gated on {endpoint}; accept its conditions there and pass "
                                  "token= (or log in with `hf auth login`)") from err
@@ -440,7 +450,7 @@ def push_folder(directory: str | os.PathLike, repo_id: str, *, token: str | None
 
     if not _REPO_ID.fullmatch(repo_id):
         raise ValueError(f"repo id must look like org/name, got {repo_id!r}")
-    api = HfApi(token=token)
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_library_version())
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)

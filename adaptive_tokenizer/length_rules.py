@@ -82,7 +82,11 @@ def first_iteration_features(model: ALITModel, run: RolloutRun, latents: Tensor,
 
 def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_iterations: int) -> Tensor:
     """The length predictor's error estimates ``[n, num_iterations]`` after the first iteration."""
-    return model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
+    predicted = model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
+    if not torch.isfinite(predicted).all():
+        raise ValueError("the length predictor produced non-finite (NaN or infinite) error estimates; its weights or "
+                         "the model's are broken (check the model files, or refit it with fit-length-predictor)")
+    return predicted
 
 
 def predicted_choice(predicted: Tensor, threshold: float, margin: float) -> Tensor:
@@ -195,13 +199,18 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thresh
         if not probes:
             break
         encode_through(max(probes.values()))
+        # the decoder per length (sequences of one length together), then one pixel decode for the whole round
+        order, logits = [], []
         for t in sorted(set(probes.values())):
-            images = torch.tensor([image for image, p in probes.items() if p == t])
-            rows = images.to(run.pixels.device)
-            logits = run.model.decoder(run.model.decoder_inputs(step_tokens[t][rows]), run.decoder_queries).float()
-            error = check_finite(pixel_error(model.reconstruct(logits).float(), run.pixels[rows].float())).cpu()
-            for image, value in zip(images.tolist(), error.tolist()):
-                searches[image].errors[t] = value
+            images = [image for image, p in probes.items() if p == t]
+            rows = torch.tensor(images, device=run.pixels.device)
+            logits.append(run.decode(step_tokens[t][rows]))
+            order += [(image, t) for image in images]
+        rows = torch.tensor([image for image, _ in order], device=run.pixels.device)
+        reconstruction = model.reconstruct(torch.cat(logits)).float()
+        error = check_finite(pixel_error(reconstruction, run.pixels[rows].float())).cpu()
+        for (image, t), value in zip(order, error.tolist()):
+            searches[image].errors[t] = value
     chosen = torch.tensor([s.chosen() for s in searches], dtype=torch.long)
     tokens = [step_tokens[int(t)][image].clone() for image, t in enumerate(chosen)]
     errors = torch.tensor([s.errors[int(t)] for s, t in zip(searches, chosen)], dtype=torch.float32)

@@ -34,3 +34,24 @@ def test_benchmark_reports_ratios_and_agreement():
 def test_bench_cli_rejects_bad_budgets(capsys):
     assert main(["bench", "--budgets", "64,x"]) == 2
     assert "budgets" in capsys.readouterr().err
+
+
+def test_rules_benchmark_times_every_rule_side_by_side():
+    """``bench --rules``: the authors' algorithm, the exact, search and predicted rules and a fixed budget in one
+    run, with the ratios of images/s and whether the search found the exact rule's lengths."""
+    import torch
+
+    from adaptive_tokenizer.bench import run_rules_benchmark
+
+    from .test_length_rules import tokenizer
+
+    tok = tokenizer("cached", False, predictor=True)
+    pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    lines = []
+    summary = run_rules_benchmark(tok, pixels, threads=1, target_tokens=16, print_fn=lines.append)
+    assert json.loads(lines[-1]) == summary
+    for key in ("search_vs_exact", "predicted_vs_exact", "predicted_vs_reference", "predicted_vs_fixed",
+                "exact_vs_reference"):
+        assert summary[key] > 0
+    assert 0 <= summary["search_same_lengths_as_exact"] <= 1
+    assert [line.split()[0] for line in lines[1:-1]] == ["reference", "exact", "search", "predicted", "fixed"]

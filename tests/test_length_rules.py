@@ -233,3 +233,38 @@ def test_fit_length_predictor_command_writes_a_loadable_model(tmp_path, capsys):
                      str(tmp_path / "cache.safetensors")])
     assert code == 0 and "fitted a length predictor" in capsys.readouterr().out
     assert AdaptiveTokenizer.from_pretrained(tmp_path / "again").config.length_predictor is not None
+
+
+@pytest.mark.parametrize("rule,stored", [("search", "errors"), ("predicted", "predicted_errors")])
+def test_cli_encode_takes_the_length_rule(tmp_path, pixels, rule, stored):
+    """``encode --length-rule``: the token file holds the library's lengths and the measured errors (exact, search)
+    or the estimates (predicted), each under its own name."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from adaptive_tokenizer import cli
+    from adaptive_tokenizer.image_io import to_pil
+
+    tok = tokenizer("cached", False, predictor=True)
+    tok.save_pretrained(tmp_path / "model")
+    paths = []
+    for index, image in enumerate(pixels):
+        paths.append(str(tmp_path / f"img{index}.png"))
+        to_pil(image).save(paths[-1])
+    threshold = float(tok.predict_errors(paths).median())
+    out = tmp_path / "tokens.safetensors"
+    assert cli.main(["encode", "--model", str(tmp_path / "model"), *paths, "-o", str(out), "--halt-threshold",
+                     str(threshold), "--length-rule", rule]) == 0
+    stored_tensors = load_file(out)
+    expected = tok.encode(paths, halt_threshold=threshold, length_rule=rule)
+    assert stored_tensors["num_tokens"].tolist() == expected.num_tokens.tolist()
+    assert set(stored_tensors) == {"tokens", "num_tokens", stored}
+
+
+def test_broken_predictor_weights_are_a_clear_error(pixels):
+    tok = tokenizer("cached", False, predictor=True)
+    with torch.no_grad():
+        tok.model.length_predictor.net[-1].bias.fill_(float("nan"))
+    for rule in ("predicted", "search"):
+        with pytest.raises(ValueError, match="non-finite"):
+            tok.encode(pixels, halt_threshold=0.1, length_rule=rule)
