@@ -48,7 +48,8 @@ def test_length_predictor_round_trips_and_defaults_to_none(tmp_path):
     config.to_json(tmp_path / "config.json")
     assert ModelConfig.from_json(tmp_path / "config.json") == config
     data = json.loads((tmp_path / "config.json").read_text())
-    assert data["length_predictor"] == {"features": ["pixels", "class"], "hidden": 16, "num_inputs": 523}
+    assert data["length_predictor"] == {"features": ["pixels", "class"], "hidden": 16, "num_inputs": 523,
+                                        "margin": 0.0}
     del data["length_predictor"]  # written before the field existed
     (tmp_path / "old.json").write_text(json.dumps(data))
     assert ModelConfig.from_json(tmp_path / "old.json").length_predictor is None

@@ -46,7 +46,7 @@ def test_quickstart(model_dir, image_paths, tmp_path):
     result = run_example("quickstart.py", image_paths[1], "--model", model_dir, cwd=tmp_path)
     for budget in (32, 64, 128, 256):
         assert f"budget {budget:>3}: {budget} tokens" in result.stdout
-    assert "adaptive (threshold 0.025)" in result.stdout
+    assert "adaptive (target 0.06)" in result.stdout
     with Image.open(tmp_path / "quickstart_strip.png") as strip:  # input, 4 budgets, adaptive
         assert strip.width == 6 * 256
 

@@ -220,8 +220,10 @@ def test_fit_length_predictor_command_writes_a_loadable_model(tmp_path, capsys):
     report = fit_length_predictor(plain, paths, tmp_path / "fitted", val_fraction=0.25, steps=30, log=lambda _: None,
                                   measurements=tmp_path / "cache.safetensors")
     assert report["num_val_images"] == 3 and report["num_train_views"] == 18  # 9 images x (centre, mirror)
-    assert len(report["candidates"]) == 6 and report["selected"] in [
+    selected = {key: report["selected"][key] for key in ("features", "hidden")}
+    assert len(report["candidates"]) == 6 and selected in [
         {"features": c["features"], "hidden": c["hidden"]} for c in report["candidates"]]
+    assert 0 <= report["selected"]["margin"] <= 0.3 and len(report["margins"]) == 31
     fitted = AdaptiveTokenizer.from_pretrained(tmp_path / "fitted")
     assert fitted.config.length_predictor.features == tuple(report["selected"]["features"])
     assert json.loads((tmp_path / "fitted" / "fit_report.json").read_text())["selected"] == report["selected"]
