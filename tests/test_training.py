@@ -222,6 +222,7 @@ def test_distill(image_folder, tmp_path):
     result = evaluate.main(["--model", str(tmp_path / "a" / "export"), "--data", str(image_folder),
                             "--split", str(tmp_path / "a" / "split.json")])
     assert result["l1_12"] == pytest.approx(metrics["val_l1_12"], abs=1e-4)
+    assert result["sharp_12"] == pytest.approx(metrics["val_sharp_12"], abs=1e-3)
     assert result["l1_base"] == pytest.approx(metrics["val_l1_base"], abs=1e-4)
     assert (tmp_path / "a" / "export" / "training_provenance.json").is_file()
 
