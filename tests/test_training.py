@@ -488,3 +488,14 @@ def test_distill_adversarial_stage3(image_folder, tmp_path):
     for key, value in c["adversary"]["discriminator"].items():
         torch.testing.assert_close(value, a["adversary"]["discriminator"][key].half().float(), rtol=0, atol=0)
     assert AdaptiveTokenizer.from_pretrained(tmp_path / "c" / "export").config.length_floor_weight == 0.5
+
+
+def test_strips(converted_dirs, tmp_path):
+    from training import strips
+
+    grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)).convert("RGB")
+    grey.save(tmp_path / "grey.png")
+    strips.main([str(tmp_path / "grey.png"), "--model", str(converted_dirs["A"]), "--name", "m", "--budgets", "32,64",
+                 "-o", str(tmp_path / "s.png")])
+    sheet = Image.open(tmp_path / "s.png")
+    assert sheet.width == 3 * 256 and sheet.height > 256  # input + 2 budgets, one row, labels below
