@@ -473,6 +473,21 @@ def test_distill_adversarial_stage3(image_folder, tmp_path):
                                    rtol=0, atol=0, msg=key)
     metrics = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"d_loss", "g_loss", "d_weight", "grad", "colour"} <= set(metrics)
+    # --disc-ramp scales the generator term's weight (the same step at ramp 1 and 0.25)
+    args = distill.build_parser().parse_args(gan + ["--out", "x", "--precision", "fp32"])
+    model = AdaptiveTokenizer.from_pretrained(tmp_path / "a" / "export").model.float()
+    model.base.decoder.requires_grad_(True)
+    adversary = distill.Adversary(args, torch.device("cpu"))
+    adversary.generator_on = True
+    pixels = torch.rand(4, 3, 32, 32)
+    weights = []
+    for ramp in (1.0, 0.25):
+        adversary.ramp = ramp
+        quantizer = distill.QuantizerTrainer(32, dead_threshold=0.3)
+        _, parts, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [0, 2],
+                                           adversary=adversary)
+        weights.append(parts["d_weight"])
+    assert weights[1] == pytest.approx(0.25 * weights[0], rel=1e-4) and len(adversary.fakes) == 6
     assert {"val_sharp_4", "val_sharp_12", "val_offset_base"} <= set(metrics)
     # continued in a fresh folder from the compact files; the init model's length-rule weight is kept
     init = tmp_path / "init"

@@ -251,7 +251,8 @@ class Adversary:
     """Stage 3's discriminator side (``--disc-weight > 0``): a :class:`PatchDiscriminator` trained from scratch
     with hinge losses on real crops against the step's reconstructions (its own AdamW, betas (0.5, 0.9) as
     taming), and the generator's term ``disc_weight * adaptive_weight * -mean D(reconstruction)`` once
-    ``generator_on`` (from ``--disc-start``; the discriminator learns from the first step)."""
+    ``generator_on`` (from ``--disc-start``; the discriminator learns from the first step), times ``ramp`` (0 -> 1
+    linearly over ``--disc-ramp`` steps from ``--disc-start``; 1 without a ramp)."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.weight = args.disc_weight
@@ -261,6 +262,7 @@ class Adversary:
         self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
                                            weight_decay=0.0)
         self.generator_on = False
+        self.ramp = 1.0
         self.fakes: list[Tensor] = []
 
     def generator_term(self, images: Tensor) -> Tensor:
@@ -360,7 +362,7 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
                 adversarial_total = adversarial_total / weight_sum + adversary.generator_term(base_recon)
         if adversary is not None and adversary.generator_on:
             last_layer = model.base.decoder.conv_out.weight
-            d_weight = adaptive_weight(pixel_total, adversarial_total, last_layer) * adversary.weight
+            d_weight = adaptive_weight(pixel_total, adversarial_total, last_layer) * adversary.weight * adversary.ramp
             loss = loss + d_weight * adversarial_total
             parts.update(g_loss=adversarial_total.item(), d_weight=d_weight.item())
     parts.update(loss=loss.item(), qloss=q_loss.item(),
@@ -518,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disc-start", type=int, default=0,
                         help="global step from which the generator term is on (the discriminator trains from the "
                              "first step of the run)")
+    parser.add_argument("--disc-ramp", type=int, default=0,
+                        help="raise the generator term linearly from 0 over this many steps after --disc-start "
+                             "(0: at full weight at once)")
     parser.add_argument("--disc-lr", type=float, default=1e-4, help="the discriminator's learning rate (constant)")
     parser.add_argument("--disc-channels", type=int, default=32, help="the discriminator's first width")
     parser.add_argument("--disc-layers", type=int, default=3, help="the discriminator's stride-2 layers")
@@ -669,6 +674,8 @@ def train(args: argparse.Namespace) -> dict:
         iterations = sample_iterations(iteration_gen, config.max_iterations, args.iters_per_step)
         if adversary is not None:
             adversary.generator_on = step >= args.disc_start
+            if args.disc_ramp > 0:
+                adversary.ramp = min(1.0, (step - args.disc_start + 1) / args.disc_ramp)
         loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations,
                                                quantize=step >= args.quantize_after, adversary=adversary)
         optimizer_step(loss, optimizer, scaler, params, args.grad_clip)
