@@ -10,6 +10,12 @@ What is measured (every image preprocessed as the model sees it: resized, centre
   preprocessed input, from one rollout per image (``AdaptiveTokenizer.reconstructions``). ``error_unclamped`` is
   the mean of the errors ``reconstructions`` returns (L1 before clamping), what ``halt_threshold`` is a target for.
 * **Base ceiling**: the VQGAN's own reconstruction (encode -> nearest codes -> ``decode_ids``), same metrics.
+* **Sharpness and colour** (:mod:`adaptive_tokenizer.metrics`), per budget and for the ceiling: ``sharpness``, the
+  mean grey gradient magnitude (Rec. 601 luma, forward differences) of the clamped reconstructions over the
+  inputs' (a ratio of means over the images; 1 = as sharp as the input); ``colour_offset``, the mean over images
+  and channels of |channel mean of the reconstruction - of the input|; ``greyscale_chroma``, over the greyscale
+  inputs only (no pixel's channels more than 2/255 from their mean), the mean |channel - mean of the channels| of
+  the reconstruction (``null`` without greyscale inputs).
 * **Adaptive length** at several thresholds: each image's length is the first budget whose error is
   ``<=`` the threshold, else the budget with the lowest error (first on ties): exactly the exact rule of
   ``encode(halt_threshold=...)`` (the tests check they agree). Reported: mean tokens, mean L1 of the chosen
@@ -69,6 +75,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from tqdm import tqdm
 
+from . import metrics
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
 from .io_utils import png_bytes, write_atomic
 from .length_report import rules_report, threshold_candidates
@@ -430,6 +437,7 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     size = tok.config.image_size
 
     per_image: dict[str, list] = {key: [] for key in ("error", "predicted", "l1", "psnr", "ssim", "base", "complexity")}
+    fidelity: dict[str, list] = {key: [] for key in ("gradient", "offset", "chroma", "input_gradient", "greyscale")}
     keep_panels = len(paths) <= grid_images  # else the grid's images are re-run once their complexity is known
     panels: dict[int, list[Image.Image]] = {}
     with tqdm(total=len(paths), unit="img", desc="evaluating", file=sys.stderr,
@@ -451,6 +459,13 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
             per_image["base"].append(torch.stack([l1_error(base, inputs), psnr(base, inputs), ssim(base, inputs)], 1))
             per_image["complexity"].append(torch.tensor([jpeg_complexity(image) for image in inputs],
                                                         dtype=torch.float64))
+            with_base = torch.cat([pixels.float(), base[:, None]], 1).flatten(0, 1)  # every budget, then the base
+            references = inputs[:, None].expand(n, iterations + 1, *inputs.shape[1:]).flatten(0, 1)
+            fidelity["gradient"].append(metrics.gradient_magnitude(with_base).view(n, -1))
+            fidelity["offset"].append(metrics.colour_offset(with_base, references).view(n, -1))
+            fidelity["chroma"].append(metrics.chroma(with_base).view(n, -1))
+            fidelity["input_gradient"].append(metrics.gradient_magnitude(inputs))
+            fidelity["greyscale"].append(metrics.is_greyscale(inputs))
             if keep_panels:
                 panels.update({start + row: _panels(inputs[row], pixels[row], base[row]) for row in range(n)})
             bar.update(n)
@@ -469,6 +484,9 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
              for i, b in enumerate(budgets)]
     ceiling = {"l1": float(base[:, 0].mean()), "psnr": float(base[:, 1].mean()), "ssim": float(base[:, 2].mean()),
                "grid_tokens": tok.config.base.grid_size ** 2}
+    fidelity = {key: torch.cat(values) for key, values in fidelity.items()}  # [N, I + 1] (last: the base) or [N]
+    for column, row in enumerate([*fixed, ceiling]):
+        row.update(_fidelity_row(fidelity, column))
 
     source = "given" if thresholds is not None else "auto"
     if thresholds is None:
@@ -516,6 +534,9 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                "predicted_error": predicted[i].tolist() if predicted is not None else None,
                "psnr": psnrs[i].tolist(), "ssim": ssims[i].tolist(),
                "base": {"l1": float(base[i, 0]), "psnr": float(base[i, 1]), "ssim": float(base[i, 2])},
+               "sharpness": (fidelity["gradient"][i] / fidelity["input_gradient"][i].clamp_min(1e-12)).tolist(),
+               "colour_offset": fidelity["offset"][i].tolist(), "chroma": fidelity["chroma"][i].tolist(),
+               "greyscale": bool(fidelity["greyscale"][i]),
                "chosen_tokens": [budgets[int(chosen[t, i])] for t in range(len(thresholds))]}
               for i, path in enumerate(paths)]
 
@@ -568,6 +589,13 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
                              "psnr": f"per image, capped at {PSNR_CAP_DB:g} dB, then averaged",
                              "ssim": "Wang et al.: gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean "
                                      "over the map and the RGB channels",
+                             "sharpness": "mean grey (Rec. 601) forward-difference gradient magnitude of the "
+                                          "clamped reconstructions / of the inputs, a ratio of means over images",
+                             "colour_offset": "mean over images and RGB channels of |channel mean of the "
+                                              "reconstruction - of the input|",
+                             "greyscale_chroma": "over greyscale inputs (all channels within 2/255 of their mean): "
+                                                 "mean |channel - mean of channels| of the reconstruction",
+                             "per_image_fidelity": "sharpness, colour_offset, chroma: per budget, then the base",
                              "per_image_lists": "l1, error_unclamped, predicted_error, psnr, ssim are aligned with "
                                                 "budgets; chosen_tokens with adaptive.levels; histogram with budgets"},
         },
@@ -588,6 +616,16 @@ def evaluate_folder(tok: AdaptiveTokenizer, folder: str | os.PathLike, out_dir: 
     text = json.dumps(report, indent=1, allow_nan=False)
     write_atomic(out_dir / "report.json", (text + "\n").encode())
     return report
+
+
+def _fidelity_row(fidelity: dict[str, Tensor], column: int) -> dict:
+    """Sharpness, colour offset and greyscale chroma of one budget (column of ``fidelity``; the last: the base)."""
+    greyscale = fidelity["greyscale"]
+    grey_chroma = float(fidelity["chroma"][greyscale, column].mean()) if greyscale.any() else None
+    sharpness = fidelity["gradient"][:, column].sum() / fidelity["input_gradient"].sum().clamp_min(1e-12)
+    return {"sharpness": float(sharpness),
+            "colour_offset": float(fidelity["offset"][:, column].mean()),
+            "greyscale_chroma": grey_chroma, "greyscale_images": int(greyscale.sum())}
 
 
 def base_reconstruction(tok: AdaptiveTokenizer, inputs: Tensor) -> Tensor:
@@ -640,7 +678,7 @@ def format_table(report: dict) -> str:
     cx = report["complexity"]
     lines.append(f"Spearman vs JPEG complexity: chosen length {_fmt(cx['spearman_length_vs_complexity'])}, "
                  f"L1 at {cx['fixed_budget']} tokens {_fmt(cx['spearman_l1_at_fixed_budget_vs_complexity'])}")
-    return "\n".join(lines + format_rules(report["length_rules"]))
+    return "\n".join(lines + _fidelity_lines(report) + format_rules(report["length_rules"]))
 
 
 def format_rules(rules: dict) -> list[str]:
@@ -665,6 +703,18 @@ def format_rules(rules: dict) -> list[str]:
         lines.append(f"  predicted: within one iteration of exact {p['within_one_of_exact']:.1%}, same "
                      f"{p['same_length_as_exact']:.1%}; fixed {p['fixed_budget']} reaches its E for "
                      f"{p['fixed_share_meeting_target']:.1%}; predictor MAE {p['predictor_mean_absolute_error']:.4f}")
+    return lines
+
+
+def _fidelity_lines(report: dict) -> list[str]:
+    """Sharpness and colour per budget (reports written before these measures have none: no lines)."""
+    if "sharpness" not in report["base_ceiling"]:
+        return []
+    greys = report["base_ceiling"]["greyscale_images"]
+    lines = [f"{'budget':>8}  {'sharpness':>9}  {'colour offset':>13}  grey chroma x255 ({greys} greyscale)"]
+    for name, row in [*((str(row["budget"]), row) for row in report["fixed"]), ("VQGAN", report["base_ceiling"])]:
+        chroma = "n/a" if row["greyscale_chroma"] is None else f"{255 * row['greyscale_chroma']:.2f}"
+        lines.append(f"{name:>8}  {row['sharpness']:9.3f}  {row['colour_offset']:13.4f}  {chroma:>6}")
     return lines
 
 

@@ -222,6 +222,7 @@ def test_distill(image_folder, tmp_path):
     result = evaluate.main(["--model", str(tmp_path / "a" / "export"), "--data", str(image_folder),
                             "--split", str(tmp_path / "a" / "split.json")])
     assert result["l1_12"] == pytest.approx(metrics["val_l1_12"], abs=1e-4)
+    assert result["sharp_12"] == pytest.approx(metrics["val_sharp_12"], abs=1e-3)
     assert result["l1_base"] == pytest.approx(metrics["val_l1_base"], abs=1e-4)
     assert (tmp_path / "a" / "export" / "training_provenance.json").is_file()
 
@@ -410,3 +411,108 @@ def test_stopping_rules(converted_dirs, images_u8, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 0.50 |" in out and "selected length_floor_weight:" in out
     assert "3 images" in out and all(f"| {rule} |" in out for rule in ("l1_input", "l1_base", "entropy", "best"))
+
+
+def test_sharpness_and_colour_losses():
+    from training.losses import (PatchDiscriminator, adaptive_weight, colour_loss, generator_loss,
+                                 gradient_energy_loss, hinge_discriminator_loss)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    shifted = torch.roll(x, shifts=1, dims=3)  # the same texture, other pixels
+    assert gradient_energy_loss(x, x).item() == pytest.approx(0, abs=1e-6)
+    # asks for the input's texture energy, not for its pixels: a shifted copy costs far less than a blur
+    assert gradient_energy_loss(shifted, x) < 0.2 * gradient_energy_loss(blurred, x)
+    grey = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    cast = grey + torch.tensor([0.02, 0.0, -0.02]).view(1, 3, 1, 1)
+    assert colour_loss(grey, grey).item() == 0 and colour_loss(cast, grey).item() > 0.02
+    recon = grey.clone().requires_grad_(True)
+    colour_loss(recon.expand(-1, 3, -1, -1) + torch.tensor([0.02, 0.0, -0.02]).view(1, 3, 1, 1), grey).backward()
+    assert recon.grad.abs().sum() > 0
+
+    disc = PatchDiscriminator(channels=8, layers=2, groups=4)
+    logits = disc(x)
+    assert logits.shape == (2, 1, 6, 6)  # one logit per overlapping patch
+    assert hinge_discriminator_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0  # confident, right
+    assert hinge_discriminator_loss(torch.zeros(4), torch.zeros(4)).item() == 1
+    # taming's adaptive weight: the ratio of the two gradient norms at the last layer
+    layer = torch.nn.Conv2d(3, 3, 1)
+    out = layer(x)
+    rec, adv = out.abs().mean(), 3 * generator_loss(out)
+    w = adaptive_weight(rec, adv, layer.weight)
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0].norm()
+    g_adv = torch.autograd.grad(adv, layer.weight, retain_graph=True)[0].norm()
+    assert w.item() == pytest.approx((g_rec / (g_adv + 1e-4)).item(), rel=1e-5) and not w.requires_grad
+
+
+def test_distill_adversarial_stage3(image_folder, tmp_path):
+    _run_vq(image_folder, tmp_path / "vq", stop_after=2)
+    base = vq.load_base(tmp_path / "vq" / "export")
+    config_path = tmp_path / "tiny.json"
+    tiny_config(base.config).to_json(config_path)
+    common = ["--data", str(image_folder), "--base", str(tmp_path / "vq" / "export"), "--config", str(config_path),
+              "--batch-size", "4", "--threads", "1", "--no-progress", "--cache-side", "40", "--warmup", "1",
+              "--seed", "5", "--pixel-weight", "1", "--grad-weight", "1", "--colour-weight", "1"]
+    with pytest.raises(SystemExit):  # the adaptive weight is measured at the base decoder's output layer
+        distill.main(common + ["--out", str(tmp_path / "x"), "--disc-weight", "0.5"])
+    gan = common + ["--train-base-decoder", "--disc-weight", "0.5", "--disc-start", "1", "--disc-channels", "8",
+                    "--disc-layers", "2", "--log-every", "1"]
+    distill.main(gan + ["--out", str(tmp_path / "a"), "--steps", "2", "--stop-after", "1"])
+    first = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    fresh = distill.PatchDiscriminator(8, 2).state_dict()
+    assert any(not torch.equal(first["adversary"]["discriminator"][k], fresh[k]) for k in fresh)  # it learned
+    distill.main(gan + ["--out", str(tmp_path / "a"), "--steps", "2"])  # resumed, discriminator included
+    distill.main(gan + ["--out", str(tmp_path / "b"), "--steps", "2"])
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    for key in a["adversary"]["discriminator"]:
+        torch.testing.assert_close(a["adversary"]["discriminator"][key], b["adversary"]["discriminator"][key],
+                                   rtol=0, atol=0, msg=key)
+    metrics = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"d_loss", "g_loss", "d_weight", "grad", "colour"} <= set(metrics)
+    # --disc-ramp scales the generator term's weight (the same step at ramp 1 and 0.25)
+    args = distill.build_parser().parse_args(gan + ["--out", "x", "--precision", "fp32"])
+    model = AdaptiveTokenizer.from_pretrained(tmp_path / "a" / "export").model.float()
+    model.base.decoder.requires_grad_(True)
+    adversary = distill.Adversary(args, torch.device("cpu"))
+    adversary.generator_on = True
+    pixels = torch.rand(4, 3, 32, 32)
+    weights = []
+    for ramp in (1.0, 0.25):
+        adversary.ramp = ramp
+        quantizer = distill.QuantizerTrainer(32, dead_threshold=0.3)
+        _, parts, _ = distill.distill_step(model, quantizer, pixels, args, torch.device("cpu"), [0, 2],
+                                           adversary=adversary)
+        weights.append(parts["d_weight"])
+    assert weights[1] == pytest.approx(0.25 * weights[0], rel=1e-4) and len(adversary.fakes) == 6
+    assert {"val_sharp_4", "val_sharp_12", "val_offset_base"} <= set(metrics)
+    # continued in a fresh folder from the compact files of a model that has a length predictor: the predictor
+    # is not carried over (it is fitted after training, adaptive-tokenizer fit-length-predictor)
+    from adaptive_tokenizer.config import LengthPredictorConfig
+    from adaptive_tokenizer.fit_length_predictor import with_predictor
+    from adaptive_tokenizer.length_predictor import LengthPredictor
+
+    init = tmp_path / "init"
+    exported = AdaptiveTokenizer.from_pretrained(tmp_path / "a" / "export-fp16")
+    head = LengthPredictor(exported.config.replace(
+        length_predictor=LengthPredictorConfig(features=("pixels",), hidden=4, num_inputs=11)))
+    AdaptiveTokenizer(with_predictor(exported.model, head)).save_pretrained(init)
+    distill.main(gan + ["--out", str(tmp_path / "c"), "--steps", "1", "--stop-after", "0", "--init", str(init),
+                        "--init-discriminator", str(tmp_path / "a" / "discriminator.safetensors")])
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    for key, value in c["adversary"]["discriminator"].items():
+        torch.testing.assert_close(value, a["adversary"]["discriminator"][key].half().float(), rtol=0, atol=0)
+    assert AdaptiveTokenizer.from_pretrained(tmp_path / "c" / "export").config.length_predictor is None
+
+
+def test_strips(converted_dirs, tmp_path):
+    from training import strips
+
+    grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)).convert("RGB")
+    grey.save(tmp_path / "grey.png")
+    strips.main([str(tmp_path / "grey.png"), "--model", str(converted_dirs["A"]), "--name", "m", "--budgets", "32,64",
+                 "-o", str(tmp_path / "s.png")])
+    sheet = Image.open(tmp_path / "s.png")
+    assert sheet.width == 3 * 256 and sheet.height > 256  # input + 2 budgets, one row, labels below

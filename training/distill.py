@@ -41,17 +41,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from adaptive_tokenizer.config import DEFAULT_MODEL, ModelConfig
 from adaptive_tokenizer.model import ALITModel
-from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files
+from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files, write_atomic
 
 from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
                      atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, load_optimizer_state,
                      make_scaler, optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
 from .data import TrainImages, load_val_images, prepare_split
-from .losses import reconstruction_loss, smoothed_cross_entropy
+from adaptive_tokenizer.metrics import chroma, colour_offset, gradient_magnitude, is_greyscale
+
+from .losses import (PatchDiscriminator, adaptive_weight, colour_loss, generator_loss, gradient_energy_loss,
+                     hinge_discriminator_loss, reconstruction_loss, smoothed_cross_entropy)
 from .vq import load_base
 
 ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)  # the authors' per-iteration loss weights
@@ -242,11 +247,61 @@ class QuantizerTrainer:
         return dead.numel()
 
 
+class Adversary:
+    """Stage 3's discriminator side (``--disc-weight > 0``): a :class:`PatchDiscriminator` trained from scratch
+    with hinge losses on real crops against the step's reconstructions (its own AdamW, betas (0.5, 0.9) as
+    taming), and the generator's term ``disc_weight * adaptive_weight * -mean D(reconstruction)`` once
+    ``generator_on`` (from ``--disc-start``; the discriminator learns from the first step), times ``ramp`` (0 -> 1
+    linearly over ``--disc-ramp`` steps from ``--disc-start``; 1 without a ramp)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.weight = args.disc_weight
+        self.precision = args.precision
+        self.device = device
+        self.discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers).to(device)
+        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
+                                           weight_decay=0.0)
+        self.generator_on = False
+        self.ramp = 1.0
+        self.fakes: list[Tensor] = []
+
+    def generator_term(self, images: Tensor) -> Tensor:
+        """``-mean D(images)``, differentiable into ``images`` (the discriminator's own weights get no gradient)."""
+        self.discriminator.requires_grad_(False)
+        with autocast(self.device, self.precision):
+            logits = self.discriminator(images)
+        self.discriminator.requires_grad_(True)
+        return generator_loss(logits)
+
+    def train_step(self, real: Tensor) -> dict[str, float]:
+        """One discriminator step on ``real`` against the reconstructions collected by the last ``distill_step``."""
+        fake = torch.cat(self.fakes)
+        self.fakes = []
+        with autocast(self.device, self.precision):
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"d_loss": loss.item(), "d_real": real_logits.float().mean().item(),
+                "d_fake": fake_logits.float().mean().item()}
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, args: argparse.Namespace,
-                 device: torch.device, iterations: list[int],
-                 quantize: bool = True) -> tuple[Tensor, dict[str, float], Tensor]:
+                 device: torch.device, iterations: list[int], quantize: bool = True,
+                 adversary: Adversary | None = None) -> tuple[Tensor, dict[str, float], Tensor]:
     """One step's loss. ``quantize=False`` (warm-up, ``--quantize-after``): the decoder reads the l2-normalised
-    vectors themselves while the codebook still learns to follow them."""
+    vectors themselves while the codebook still learns to follow them. ``adversary``: collects the step's
+    reconstructions (detached) for its discriminator step and, when ``adversary.generator_on``, adds the
+    adaptive-weighted generator term."""
     config = model.config
     T = config.tokens_per_iteration
     with torch.no_grad():
@@ -262,6 +317,7 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
     if not quantize:
         decoder_inputs = F.normalize(vectors.float(), dim=-1)
     total, weight_sum, parts = 0.0, 0.0, {}
+    pixel_total, adversarial_total = 0.0, 0.0  # as they enter the loss (before normalising by weight_sum)
     for t in iterations:
         with autocast(device, args.precision):
             logits = model.decoder(decoder_inputs[:, : T * (t + 1)])
@@ -273,10 +329,16 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
         if args.pixel_weight > 0:
             with autocast(device, args.precision):
                 recon = model.base.decode_features(expected)
-            pixel_loss, pix = reconstruction_loss(recon, pixels, args.ssim_weight)
+            pixel_loss, pix = pixel_terms(recon, pixels, args, parts)
             loss_t = loss_t + args.pixel_weight * pixel_loss
             parts[f"pl1_{t}"] = pix["l1"]
         w = args.iteration_weights[t] if t < len(args.iteration_weights) else 1.0
+        if args.pixel_weight > 0:
+            pixel_total = pixel_total + w * args.pixel_weight * pixel_loss
+            if adversary is not None:
+                adversary.fakes.append(recon.detach().float())
+                if adversary.generator_on:
+                    adversarial_total = adversarial_total + w * adversary.generator_term(recon)
         total = total + w * loss_t
         weight_sum += w
         with torch.no_grad():
@@ -290,12 +352,39 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
     if args.train_base_decoder:  # the fine-tuned base decoder must still decode the base's own codes
         with autocast(device, args.precision):
             base_recon = model.base.decode_features(target_vectors)
-        base_pixel_loss, base_pix = reconstruction_loss(base_recon, pixels, args.ssim_weight)
+        base_pixel_loss, base_pix = pixel_terms(base_recon, pixels, args, {})
         loss = loss + args.pixel_weight * base_pixel_loss
         parts["base_l1"] = base_pix["l1"]
+        pixel_total = pixel_total / weight_sum + args.pixel_weight * base_pixel_loss
+        if adversary is not None:
+            adversary.fakes.append(base_recon.detach().float())
+            if adversary.generator_on:
+                adversarial_total = adversarial_total / weight_sum + adversary.generator_term(base_recon)
+        if adversary is not None and adversary.generator_on:
+            last_layer = model.base.decoder.conv_out.weight
+            d_weight = adaptive_weight(pixel_total, adversarial_total, last_layer) * adversary.weight * adversary.ramp
+            loss = loss + d_weight * adversarial_total
+            parts.update(g_loss=adversarial_total.item(), d_weight=d_weight.item())
     parts.update(loss=loss.item(), qloss=q_loss.item(),
                  codes=float(torch.unique(ids).numel()))
     return loss, parts, normalised
+
+
+def pixel_terms(recon: Tensor, pixels: Tensor, args: argparse.Namespace,
+                parts: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """Stage 3's pixel loss of one reconstruction: ``L1 + ssim_weight (1 - MS-SSIM) + grad_weight *
+    gradient_energy_loss + colour_weight * colour_loss`` (the last two when their weights are > 0; logged into
+    ``parts``)."""
+    loss, pix = reconstruction_loss(recon, pixels, args.ssim_weight)
+    if args.grad_weight > 0:
+        energy = gradient_energy_loss(recon, pixels)
+        loss = loss + args.grad_weight * energy
+        parts["grad"] = energy.item()
+    if args.colour_weight > 0:
+        colour = colour_loss(recon, pixels)
+        loss = loss + args.colour_weight * colour
+        parts["colour"] = colour.item()
+    return loss, pix
 
 
 def sample_iterations(gen: random.Random, max_iterations: int, k: int) -> list[int]:
@@ -305,19 +394,27 @@ def sample_iterations(gen: random.Random, max_iterations: int, k: int) -> list[i
 @torch.no_grad()
 def evaluate(model: ALITModel, val: Tensor, batch_size: int = 16, iterations: tuple[int, ...] | None = None) -> dict:
     """Mean L1 of the clamped reconstruction at each budget (cached rollout = prefixes of one block-causal pass,
-    quantized with the library's own quantizer), and of the base tokenizer's own reconstruction, in fp32.
-    ``iterations``: which budgets (0-based iteration indices; default all)."""
+    quantized with the library's own quantizer), and of the base tokenizer's own reconstruction, in fp32; beside
+    it (``adaptive_tokenizer.metrics``) the sharpness (mean grey gradient magnitude over the inputs'), the mean
+    colour offset and, over the greyscale inputs if any, the mean chroma. ``iterations``: which budgets (0-based
+    iteration indices; default all)."""
     was_training = model.training
     model.eval()
     config = model.config
     T, I = config.tokens_per_iteration, config.max_iterations
     errors = {t: [] for t in (range(I) if iterations is None else iterations)}
     base_errors, used = [], torch.zeros(config.codebook_size, dtype=torch.bool)
+    keys = [*errors, "base"]
+    gradients, offsets, chromas = ({key: [] for key in keys} for _ in range(3))
+    input_gradients, greyscale = [], []
     for start in range(0, val.shape[0], batch_size):
         x = val[start : start + batch_size].to(model.base.codebook.device)
         features = model.base.encode(x)
         base_recon = model.base.decode_ids(model.base.code_ids(features)).clamp(0, 1)
         base_errors.append((base_recon - x).abs().flatten(1).mean(1))
+        input_gradients.append(gradient_magnitude(x))
+        greyscale.append(is_greyscale(x))
+        recons = {"base": base_recon}
         latents = model.encoder.forward_block_causal(model.encoder.embed_image(x, features), I)
         ids = model.quantizer.quantize(model.encoder.to_token_vectors(latents))
         used[ids.flatten().cpu()] = True
@@ -325,9 +422,21 @@ def evaluate(model: ALITModel, val: Tensor, batch_size: int = 16, iterations: tu
         for t in errors:
             recon = model.reconstruct(model.decoder(inputs[:, : T * (t + 1)])).clamp(0, 1)
             errors[t].append((recon - x).abs().flatten(1).mean(1))
+            recons[t] = recon
+        for key, recon in recons.items():
+            gradients[key].append(gradient_magnitude(recon))
+            offsets[key].append(colour_offset(recon, x))
+            chromas[key].append(chroma(recon))
     model.train(was_training)
     out = {f"val_l1_{T * (t + 1)}": torch.cat(e).mean().item() for t, e in errors.items()}
     out["val_l1_base"] = torch.cat(base_errors).mean().item()
+    input_gradient, greyscale = torch.cat(input_gradients).sum(), torch.cat(greyscale)
+    for key in keys:
+        name = key if key == "base" else T * (key + 1)
+        out[f"val_sharp_{name}"] = (torch.cat(gradients[key]).sum() / input_gradient).item()
+        out[f"val_offset_{name}"] = torch.cat(offsets[key]).mean().item()
+        if greyscale.any():
+            out[f"val_grey_chroma_{name}"] = torch.cat(chromas[key])[greyscale].mean().item()
     out["val_codes_used"] = int(used.sum())
     return out
 
@@ -401,6 +510,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stage 3: also fine-tune the base decoder (needs --pixel-weight > 0)")
     parser.add_argument("--base-decoder-lr-scale", type=float, default=0.2,
                         help="--train-base-decoder: the base decoder's learning rate as a fraction of --lr")
+    parser.add_argument("--grad-weight", type=loss_weight, default=0.0,
+                        help="stage 3: weight of the local gradient-energy term inside the pixel loss (0: off)")
+    parser.add_argument("--colour-weight", type=loss_weight, default=0.0,
+                        help="stage 3: weight of the colour term (chroma map + channel means) in the pixel loss")
+    parser.add_argument("--disc-weight", type=loss_weight, default=0.0,
+                        help="stage 3: patch discriminator, its generator term x taming's adaptive weight (0: off; "
+                             "needs --train-base-decoder, whose output layer the adaptive weight is measured at)")
+    parser.add_argument("--disc-start", type=int, default=0,
+                        help="global step from which the generator term is on (the discriminator trains from the "
+                             "first step of the run)")
+    parser.add_argument("--disc-ramp", type=int, default=0,
+                        help="raise the generator term linearly from 0 over this many steps after --disc-start "
+                             "(0: at full weight at once)")
+    parser.add_argument("--disc-lr", type=float, default=1e-4, help="the discriminator's learning rate (constant)")
+    parser.add_argument("--disc-channels", type=int, default=32, help="the discriminator's first width")
+    parser.add_argument("--disc-layers", type=int, default=3, help="the discriminator's stride-2 layers")
+    parser.add_argument("--init-discriminator", default=None,
+                        help="start the discriminator from this safetensors file (a run's discriminator.safetensors) "
+                             "when OUT has no checkpoint")
     parser.set_defaults(batch_size=8, lr=4e-4, warmup=100, steps=20000, weight_decay=0.05, min_scale=0.7)
     return parser
 
@@ -410,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.train_base_decoder and args.pixel_weight <= 0:
         parser.error("--train-base-decoder needs --pixel-weight > 0 (the base decoder learns from pixel losses only)")
+    if args.disc_weight > 0 and not args.train_base_decoder:
+        parser.error("--disc-weight needs --train-base-decoder (the adaptive weight is measured at its output layer)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return train(args)
 
@@ -431,12 +561,13 @@ def train(args: argparse.Namespace) -> dict:
     resuming = (out / "checkpoint.pt").is_file()
     if args.init and not resuming:
         init_config, init_weights = load_model_files(args.init)
-        if init_config.replace(base=config.base) != config:
+        # a length predictor is fitted after training (adaptive-tokenizer fit-length-predictor): not carried over
+        if init_config.replace(base=config.base, length_predictor=None) != config:
             raise SystemExit(f"--init {args.init}: its ALIT config differs from the model being trained")
         # the encoder/decoder/quantizer from --init; the frozen base is always --base's, which may have another
         # architecture (a warm start on a new base tokenizer)
         loaded = model.load_state_dict({key: value for key, value in init_weights.items()
-                                        if not key.startswith("base.")}, strict=False)
+                                        if not key.startswith(("base.", "length_predictor."))}, strict=False)
         if loaded.unexpected_keys or any(not key.startswith("base.") for key in loaded.missing_keys):
             raise SystemExit(f"--init {args.init}: weights do not match its config ({loaded})")
     model.to(device)
@@ -460,6 +591,11 @@ def train(args: argparse.Namespace) -> dict:
     quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device,
                                  init_from_data=not args.init and not resuming and args.codebook_init == "data")
 
+    adversary = Adversary(args, device) if args.disc_weight > 0 else None
+    if adversary is not None and args.init_discriminator and not resuming:
+        weights = load_file(args.init_discriminator)
+        adversary.discriminator.load_state_dict({key: value.float() for key, value in weights.items()})
+
     train_names, val_names, data_record = prepare_split(args.data, out, args.val_fraction)
     log = Progress(total=args.steps, initial=0, disable=True).log
     stream = TrainImages(args.data, train_names, config.image_size, config.image_size, args.batch_size,
@@ -482,6 +618,8 @@ def train(args: argparse.Namespace) -> dict:
         iteration_gen.setstate(state["iteration_gen"])
         set_rng_state(state["rng"])
         step = state["step"]
+        if adversary is not None and "adversary" in state:
+            adversary.load_state_dict(state["adversary"])
         log(f"resumed from {ckpt_path} at step {step}")
     counts = model.num_parameters()
     provenance = Provenance(out, "distill", args, data_record, inherit=args.init, base=args.base)
@@ -509,11 +647,16 @@ def train(args: argparse.Namespace) -> dict:
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "quantizer": quantizer.state_dict(), "data": stream.state_dict(),
                            "iteration_gen": iteration_gen.getstate(), "rng": rng_state(), "step": step,
-                           "args": vars(args)}, ckpt_path)
+                           "args": vars(args),
+                           **({"adversary": adversary.state_dict()} if adversary is not None else {})}, ckpt_path)
         provenance.update(end_step=step, wall_seconds=round(time.time() - t_start, 1),
                           images_seen=stream.images_seen - start_images, last_metrics=record, final=final,
                           ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         export_model(model, out)
+        if adversary is not None:  # compact, to continue the adversarial training elsewhere (--init-discriminator)
+            write_atomic(out / "discriminator.safetensors",
+                         save_safetensors({key: value.detach().half().contiguous().cpu()
+                                           for key, value in adversary.discriminator.state_dict().items()}))
 
     stop_flag = StopFlag()
     clock = RunClock(args, stop_flag, t_start)
@@ -527,9 +670,15 @@ def train(args: argparse.Namespace) -> dict:
         set_lr(optimizer, schedule.lr(step))
         pixels = stream.next_batch().to(device)
         iterations = sample_iterations(iteration_gen, config.max_iterations, args.iters_per_step)
+        if adversary is not None:
+            adversary.generator_on = step >= args.disc_start
+            if args.disc_ramp > 0:
+                adversary.ramp = min(1.0, (step - args.disc_start + 1) / args.disc_ramp)
         loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations,
-                                               quantize=step >= args.quantize_after)
+                                               quantize=step >= args.quantize_after, adversary=adversary)
         optimizer_step(loss, optimizer, scaler, params, args.grad_clip)
+        if adversary is not None:
+            parts.update(adversary.train_step(pixels))
         step += 1
         if step % args.restart_every == 0:
             parts["restarted"] = float(quantizer.restart_dead(model, normalised, optimizer))

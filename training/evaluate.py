@@ -1,6 +1,7 @@
 """Evaluate an exported model the way the quality bars are stated: 128 px centre crops (the library's own
 preprocessing), mean L1 of the decoded (clamped) reconstruction at every budget, and of the base tokenizer's own
-reconstruction, all through the public API (``AdaptiveTokenizer.from_pretrained``).
+reconstruction, all through the public API (``AdaptiveTokenizer.from_pretrained``); beside L1 the sharpness
+(``sharp_*``: mean grey gradient magnitude over the inputs', ``adaptive_tokenizer.metrics``).
 
     python -m training.evaluate --model /work/runs/alit/export --data FOLDER [--split /work/runs/alit/split.json]
     python -m training.evaluate --base /work/runs/vq/export --data FOLDER --split /work/runs/vq/split.json
@@ -16,6 +17,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from adaptive_tokenizer.metrics import gradient_magnitude
 
 from .data import list_images, load_val_images
 
@@ -40,17 +43,21 @@ def main(argv: list[str] | None = None) -> dict:
 
             tok = AdaptiveTokenizer.from_pretrained(args.model)
             pixels = load_val_images(args.data, names, tok.config.image_size, args.limit)
-            errors, base_errors = [], []
+            errors, base_errors, gradients, input_gradients = [], [], [], []
             for start in range(0, len(pixels), args.batch_size):
                 x = pixels[start : start + args.batch_size]
                 recon, _ = tok.reconstructions(x)
                 errors.append((recon - x[:, None]).abs().mean((2, 3, 4)))
+                gradients.append(gradient_magnitude(recon.flatten(0, 1)).view(recon.shape[:2]))
+                input_gradients.append(gradient_magnitude(x))
                 base = tok.model.base
                 base_recon = base.decode_ids(base.code_ids(base.encode(x))).clamp(0, 1)
                 base_errors.append((base_recon - x).abs().mean((1, 2, 3)))
             errors = torch.cat(errors).mean(0)
             T = tok.tokens_per_iteration
             result.update({f"l1_{T * (i + 1)}": round(e.item(), 5) for i, e in enumerate(errors)})
+            sharpness = torch.cat(gradients).sum(0) / torch.cat(input_gradients).sum()
+            result.update({f"sharp_{T * (i + 1)}": round(v.item(), 4) for i, v in enumerate(sharpness)})
             result["l1_base"] = round(torch.cat(base_errors).mean().item(), 5)
         if args.base:
             from .vq import evaluate, load_base
