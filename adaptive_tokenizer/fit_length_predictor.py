@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .config import PREDICTOR_FEATURES, LengthPredictorConfig
 from .image_io import open_image, pil_to_tensor
+from .io_utils import write_atomic
 from .length_predictor import LengthPredictor, feature_sizes
 from .length_report import predicted_rule_at_mean_length, threshold_for_mean_length
 from .length_rules import choose_iterations, first_iteration_features
@@ -245,7 +246,6 @@ def with_predictor(model: ALITModel, head: LengthPredictor) -> ALITModel:
 
 
 def write_report(path: Path, report: dict) -> None:
-    from .io_utils import write_atomic
     write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
 
 
@@ -273,7 +273,7 @@ def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, 
             save_file({"features": data.features, "errors": data.errors, "image": data.image}, str(cache))
     head, report = select_head(tok.model, data, names, val_fraction=val_fraction, seed=seed, steps=steps, log=log)
     from .tokenizer import AdaptiveTokenizer
-    fitted = AdaptiveTokenizer(with_predictor(tok.model.float().cpu(), head), info=tok.info)
+    fitted = AdaptiveTokenizer(with_predictor(tok.model, head), info=tok.info)  # a new float32 CPU model
     out_dir = Path(out_dir)
     fitted.save_pretrained(out_dir)
     report.update({"num_images": len(paths), "crops_per_image": crops, "seed": seed})
