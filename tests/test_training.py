@@ -133,14 +133,19 @@ def test_vq_resume_and_export(image_folder, tmp_path):
         vq.main(args + ["--out", str(tmp_path / "d"), "--init", str(tmp_path / "g32" / "export")])
 
 
-def test_distill(image_folder, tmp_path):
+def _distill_arguments(image_folder, tmp_path) -> list[str]:
+    """A 2-step base tokenizer and a tiny ALIT config under ``tmp_path``: the arguments every stage-2/3 test shares."""
     _run_vq(image_folder, tmp_path / "vq", stop_after=2)
-    base = vq.load_base(tmp_path / "vq" / "export")
     config_path = tmp_path / "tiny.json"
-    tiny_config(base.config).to_json(config_path)
-    common = ["--data", str(image_folder), "--base", str(tmp_path / "vq" / "export"), "--config", str(config_path),
-              "--batch-size", "4", "--threads", "1", "--no-progress", "--cache-side", "40", "--warmup", "2",
-              "--restart-every", "2", "--dead-threshold", "0.3", "--iters-per-step", "2", "--seed", "5"]
+    tiny_config(vq.load_base(tmp_path / "vq" / "export").config).to_json(config_path)
+    return ["--data", str(image_folder), "--base", str(tmp_path / "vq" / "export"), "--config", str(config_path),
+            "--batch-size", "4", "--threads", "1", "--no-progress", "--cache-side", "40", "--seed", "5"]
+
+
+def test_distill(image_folder, tmp_path):
+    common = _distill_arguments(image_folder, tmp_path) + ["--warmup", "2", "--restart-every", "2",
+                                                          "--dead-threshold", "0.3", "--iters-per-step", "2"]
+    base = vq.load_base(tmp_path / "vq" / "export")
 
     # loss decreases on a fixed batch
     args = distill.build_parser().parse_args(common + ["--out", "x", "--precision", "fp32"])
@@ -447,13 +452,8 @@ def test_sharpness_and_colour_losses():
 
 
 def test_distill_adversarial_stage3(image_folder, tmp_path):
-    _run_vq(image_folder, tmp_path / "vq", stop_after=2)
-    base = vq.load_base(tmp_path / "vq" / "export")
-    config_path = tmp_path / "tiny.json"
-    tiny_config(base.config).to_json(config_path)
-    common = ["--data", str(image_folder), "--base", str(tmp_path / "vq" / "export"), "--config", str(config_path),
-              "--batch-size", "4", "--threads", "1", "--no-progress", "--cache-side", "40", "--warmup", "1",
-              "--seed", "5", "--pixel-weight", "1", "--grad-weight", "1", "--colour-weight", "1"]
+    common = _distill_arguments(image_folder, tmp_path) + ["--warmup", "1", "--pixel-weight", "1", "--grad-weight",
+                                                          "1", "--colour-weight", "1"]
     with pytest.raises(SystemExit):  # the adaptive weight is measured at the base decoder's output layer
         distill.main(common + ["--out", str(tmp_path / "x"), "--disc-weight", "0.5"])
     gan = common + ["--train-base-decoder", "--disc-weight", "0.5", "--disc-start", "1", "--disc-channels", "8",
