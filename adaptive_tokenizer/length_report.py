@@ -25,8 +25,8 @@ def search_choices(errors: Tensor, starts: Sequence[int], threshold: float, *, b
     chosen, decodes = [], []
     for row, start in zip(errors.tolist(), starts):
         search = LengthSearch(int(start), len(row), threshold, bisect=bisect)
-        while (probe := search.next_probe()) is not None:
-            search.errors[probe] = row[probe]
+        while probes := search.next_probes():
+            search.errors.update({probe: row[probe] for probe in probes})
         chosen.append(search.chosen())
         decodes.append(len(search.errors))
     return torch.tensor(chosen), torch.tensor(decodes)

@@ -9,10 +9,10 @@ find it:
   image; :func:`~adaptive_tokenizer.rollout.rollout` with ``length_threshold``). Always the fewest tokens.
 * ``"search"``: run the encoder, then decode only where the answer can be: start at the length the model's length
   predictor expects (bisection when it has none) and step until a length meets ``E`` while the next shorter one
-  does not; when not even the longest length meets ``E``, the longest. It returns the exact rule's length
-  whenever an image's error falls as the length grows, which is the common case; where it does not (errors
-  can rise again with more tokens) it may stop at a longer length, which also meets ``E``, or, for an image that
-  no length brings to ``E``, take the longest rather than the lowest-error length. About half the decodes.
+  does not; when not even the longest length meets ``E``, walk down from it to the lowest error
+  (:class:`LengthSearch`). It returns the exact rule's length whenever the lengths meeting ``E`` form one
+  unbroken run and an unreachable image's error does not fall again after rising twice (seen from the longest
+  length down): every photo measured so far. Fewer decodes where images reach ``E``; as many where they do not.
 * ``"predicted"``: the length predictor (``length_predictor.py``) estimates every length's error from what the
   encoder computed at its first iteration; each image takes the first length whose estimate, times ``1 + margin``
   (the predictor's safety margin against under-estimates), meets ``E``, and runs exactly the iterations that
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .length_predictor import feature_vector
 from .model import ALITModel
-from .rollout import RolloutOutput, RolloutRun, check_finite, pixel_error, rollout
+from .rollout import RolloutOutput, RolloutRun, check_finite, pixel_errors, rollout
 
 LengthRule = Literal["exact", "search", "predicted"]
 LENGTH_RULES: tuple[str, ...] = ("exact", "search", "predicted")
@@ -138,7 +138,19 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thr
 
 
 class LengthSearch:
-    """Per-image bookkeeping of the ``"search"`` rule: which lengths were decoded and what they gave."""
+    """Per-image bookkeeping of the ``"search"`` rule: which lengths were decoded and what they gave.
+
+    With a length predictor the search starts at the predicted length and walks down while the shorter length
+    still meets the target (or up, one length, then to the longest); without one it bisects. A failing length
+    right below a passing one ends it: that is the exact rule's first crossing whenever the lengths meeting the
+    target form one unbroken run. When not even the longest length meets the target, the answer is the
+    lowest-error length: the search walks down from the longest and stops after the error has risen
+    ``patience`` times in a row (or at the shortest length), which finds the lowest error whenever the error,
+    seen from the longest length down, does not fall again after such a rise. Both conditions held for every
+    photo measured (``docs/adaptive_length.md``).
+    """
+
+    patience = 2
 
     def __init__(self, start: int, num_iterations: int, threshold: float, bisect: bool):
         # compared in float32, as the exact rule compares its float32 errors with the threshold
@@ -147,25 +159,48 @@ class LengthSearch:
         self.errors: dict[int, float] = {}
         self.start = start
 
-    def next_probe(self) -> int | None:
-        """The next iteration index to decode, or None when the length is decided."""
+    def next_probes(self) -> list[int]:
+        """The iteration indices to decode next (empty when the length is decided)."""
         if not self.errors:
-            return self.start
+            return [self.start]
         passes = [t for t, e in self.errors.items() if e <= self.threshold]
         if passes:
-            k = min(passes)
-            if k == 0 or (k - 1) in self.errors:
-                return None
-            below = max([t for t in self.errors if t < k], default=-1)  # a known failure (or none)
-            return (below + k) // 2 if self.bisect else k - 1
-        top = max(self.errors)
-        if top < self.num_iterations - 1:  # no length meets the target yet: look at longer ones
-            return (top + self.num_iterations) // 2 if self.bisect else top + 1
-        return None  # not even the longest meets it: the longest
+            return self._first_pass_probes(min(passes))
+        top, last = max(self.errors), self.num_iterations - 1
+        if top < last:  # no length meets the target yet: look at longer ones
+            if self.bisect:
+                return [(top + self.num_iterations) // 2]
+            return [top + 1] if top == self.start else [last]
+        return self._lowest_error_probes()
+
+    def _first_pass_probes(self, k: int) -> list[int]:
+        """``k`` meets the target: decided when ``k - 1`` is known to fail, else look below it."""
+        below = max([t for t in self.errors if t < k], default=-1)  # a known failure (or none)
+        if k - below == 1:
+            return []
+        if self.bisect or below >= 0:  # a bracket: bisect it
+            return [(below + k) // 2]
+        return [k - 1]  # walk down from the predictor's length
+
+    def _lowest_error_probes(self) -> list[int]:
+        """No length meets the target: walk down from the longest until the error has risen ``patience`` times."""
+        lowest = self.num_iterations - 1
+        while lowest - 1 in self.errors:
+            lowest -= 1
+        best, rises = float("inf"), 0
+        for t in range(self.num_iterations - 1, lowest - 1, -1):
+            if self.errors[t] <= best:
+                best, rises = self.errors[t], 0
+            else:
+                rises += 1
+        return [] if lowest == 0 or rises >= self.patience else [lowest - 1]
 
     def chosen(self) -> int:
+        """The decided iteration index: the first length meeting the target, else the (first) lowest-error one."""
         passes = [t for t, e in self.errors.items() if e <= self.threshold]
-        return min(passes) if passes else self.num_iterations - 1
+        if passes:
+            return min(passes)
+        return min(self.errors, key=lambda t: (self.errors[t], t))
 
 
 def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, *,
@@ -194,22 +229,19 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thresh
                 run.halt(run.code_prob(run.decode(step_tokens[-1])))
 
     while True:
-        probes = {image: s.next_probe() for image, s in enumerate(searches)}
-        probes = {image: t for image, t in probes.items() if t is not None}
+        probes = [(image, t) for image, search in enumerate(searches) for t in search.next_probes()]
         if not probes:
             break
-        encode_through(max(probes.values()))
-        # the decoder per length (sequences of one length together), then one pixel decode for the whole round
-        order, logits = [], []
-        for t in sorted(set(probes.values())):
-            images = [image for image, p in probes.items() if p == t]
-            rows = torch.tensor(images, device=run.pixels.device)
+        encode_through(max(t for _, t in probes))
+        # the decoder per length (sequences of one length together), then the pixel decodes of the whole round
+        probes.sort(key=lambda probe: probe[1])
+        logits = []
+        for t in sorted({t for _, t in probes}):
+            rows = torch.tensor([image for image, p in probes if p == t], device=run.pixels.device)
             logits.append(run.decode(step_tokens[t][rows]))
-            order += [(image, t) for image in images]
-        rows = torch.tensor([image for image, _ in order], device=run.pixels.device)
-        reconstruction = model.reconstruct(torch.cat(logits)).float()
-        error = check_finite(pixel_error(reconstruction, run.pixels[rows].float())).cpu()
-        for (image, t), value in zip(order, error.tolist()):
+        rows = torch.tensor([image for image, _ in probes], device=run.pixels.device)
+        error = check_finite(pixel_errors(model, torch.cat(logits), run.pixels[rows])).cpu()
+        for (image, t), value in zip(probes, error.tolist()):
             searches[image].errors[t] = value
     chosen = torch.tensor([s.chosen() for s in searches], dtype=torch.long)
     tokens = [step_tokens[int(t)][image].clone() for image, t in enumerate(chosen)]

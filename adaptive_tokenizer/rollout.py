@@ -197,6 +197,16 @@ def pixel_error(reconstruction: Tensor, pixels: Tensor) -> Tensor:
     return (reconstruction - pixels).abs().mean(dim=(1, 2, 3))
 
 
+PIXEL_DECODE_CHUNK = 4  # images per pixel-decoder call when only errors are wanted (faster on CPU than one batch)
+
+
+def pixel_errors(model: ALITModel, logits: Tensor, pixels: Tensor) -> Tensor:
+    """:func:`pixel_error` of the reconstructions from decoder ``logits`` ``[n, G2, K]`` against ``pixels``
+    ``[n, 3, R, R]``, decoded a few images at a time (the reconstructions themselves are not kept)."""
+    return torch.cat([pixel_error(model.reconstruct(part).float(), target.float())
+                      for part, target in zip(logits.split(PIXEL_DECODE_CHUNK), pixels.split(PIXEL_DECODE_CHUNK))])
+
+
 def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_threshold: float | None = None,
             length_threshold: float | None = None,
             trace: Callable[[IterationRecord], None] | None = None) -> RolloutOutput:
