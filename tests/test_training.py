@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.config import ModelConfig, VQGANConfig
 from adaptive_tokenizer.hub import MANIFEST_PATH
-from training import distill, evaluate, vq
+from training import alit_init, distill, evaluate, vq
 from training.ship import ship
 from training.data import list_images, random_crop, split_files
 from training.losses import ms_ssim
@@ -151,7 +151,7 @@ def test_distill(image_folder, tmp_path):
     args = distill.build_parser().parse_args(common + ["--out", "x", "--precision", "fp32"])
     torch.manual_seed(0)
     model = distill.ALITModel(tiny_config(base.config))
-    distill.init_alit_weights(model, 0)
+    alit_init.init_alit_weights(model, 0)
     model.base.load_state_dict(base.state_dict())
     model.base.requires_grad_(False)
     quantizer = distill.QuantizerTrainer(32, dead_threshold=0.3)
@@ -269,10 +269,10 @@ def test_init_schemes():
     config = tiny_config(VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=8,
                                      codebook_size=16, codebook_dim=8))
     small, sincos = distill.ALITModel(config), distill.ALITModel(config)
-    distill.init_alit_weights(small, 0, "small")
-    distill.init_alit_weights(sincos, 0, "xavier-sincos")
+    alit_init.init_alit_weights(small, 0, "small")
+    alit_init.init_alit_weights(sincos, 0, "xavier-sincos")
     width = config.encoder_width
-    codes = distill.sincos_2d(config.grid_size, width)
+    codes = alit_init.sincos_2d(config.grid_size, width)
     assert codes.shape == (config.grid_size**2, width) and len({tuple(row.tolist()) for row in codes}) == len(codes)
     for part in ("encoder", "decoder"):
         torch.testing.assert_close(getattr(sincos, part).positional_embedding[1:], codes * width**-0.5)
@@ -280,7 +280,7 @@ def test_init_schemes():
     assert sincos.encoder.transformer.blocks[0].attn.qkv.weight.std() > 2 * small.encoder.transformer.blocks[
         0].attn.qkv.weight.std()  # xavier vs 0.02
     with pytest.raises(ValueError, match="unknown init scheme 'kaiming'"):
-        distill.init_alit_weights(small, 0, "kaiming")
+        alit_init.init_alit_weights(small, 0, "kaiming")
 
 
 def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
@@ -303,7 +303,7 @@ def test_ship_embeds_fp16_weights_and_registers_them(converted_dirs, tmp_path):
 
 
 def test_latent_grid_positions_cover_the_grid_coarse_to_fine():
-    cells = distill.latent_grid_positions(16, 32, 8)
+    cells = alit_init.latent_grid_positions(16, 32, 8)
     assert cells.shape == (8, 32) and sorted(cells.flatten().tolist()) == list(range(256))
     rows, cols = cells[0] // 16, cells[0] % 16
     assert set(rows.tolist()) == {0, 4, 8, 12} and set(cols.tolist()) == set(range(0, 16, 2))  # 4x8 sub-grid
@@ -323,13 +323,13 @@ def test_local_init_routes_attention_by_position():
     from adaptive_tokenizer.config import DEFAULT_MODEL
 
     config, grid = DEFAULT_MODEL, DEFAULT_MODEL.grid_size
-    cells = distill.latent_grid_positions(grid, config.tokens_per_iteration, config.max_iterations)
+    cells = alit_init.latent_grid_positions(grid, config.tokens_per_iteration, config.max_iterations)
     pixels = torch.rand(2, 3, config.image_size, config.image_size)
     features = torch.randn(2, config.base.z_channels, grid, grid)
     neighbourhood = {}
     for scheme in ("xavier-sincos", "local"):
         model = distill.ALITModel(config)
-        distill.init_alit_weights(model, 0, scheme)
+        alit_init.init_alit_weights(model, 0, scheme)
         with torch.no_grad():
             prefix = model.encoder.embed_image(pixels, features)
             x = model.encoder.norm_pre(torch.cat([prefix, model.encoder.latent_block(0).expand(2, -1, -1)], 1))
@@ -355,7 +355,7 @@ def test_codebook_initialised_from_the_first_batch():
     config = tiny_config(VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=8,
                                      codebook_size=16, codebook_dim=8))
     model = distill.ALITModel(config)
-    distill.init_alit_weights(model, 0)
+    alit_init.init_alit_weights(model, 0)
     vectors = torch.randn(4, 12, config.token_dim)
     quantizer = distill.QuantizerTrainer(config.codebook_size, init_from_data=True)
     _, ids, _, normalised = quantizer(model, vectors, 0.25)
