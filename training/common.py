@@ -1,4 +1,5 @@
-"""Shared training machinery: seeding, precision, checkpoints (atomic, resumable), progress, provenance."""
+"""Shared training pieces: seeding, precision, common flags, optimizer helpers, checkpoint files (atomic), RNG
+state, provenance, progress. The loop both stages run is ``training.loop``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import random
@@ -96,31 +96,6 @@ def apply_threads(threads: int | None) -> None:
             pass
 
 
-class Schedule:
-    """Training progress in [0, 1]: by steps (``--schedule steps``: step / --steps) or by wall time
-    (``--schedule time``: elapsed / --max-minutes of this invocation, so a run sized by time still completes its
-    LR decay; a resumed invocation starts a new cosine cycle from its own --lr)."""
-
-    def __init__(self, args: argparse.Namespace, start_step: int):
-        self.args, self.start_step, self.t0 = args, start_step, time.time()
-        self.by_time = args.schedule == "time" and args.max_minutes
-
-    def progress(self, step: int) -> float:
-        if self.by_time:
-            return min(1.0, (time.time() - self.t0) / (60 * self.args.max_minutes))
-        return min(1.0, step / max(1, self.args.steps))
-
-    def lr(self, step: int) -> float:
-        return lr_at(step, self.progress(step), self.args)
-
-
-def lr_at(step: int, progress: float, args: argparse.Namespace) -> float:
-    """Linear warmup over the first --warmup steps (of the whole training), then cosine to lr * min_lr_frac."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Restore a checkpoint's optimizer moments and step counts, keeping this invocation's group settings
     (weight decay, ``lr_scale``): ``Optimizer.load_state_dict`` would otherwise bring back the flags the checkpoint
@@ -146,61 +121,6 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler,
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
-
-
-def finish_run(checkpoint, stop_flag: "StopFlag", bar: "Progress", metrics_file, stopped: str, step: int,
-               out: Path) -> dict[str, Any]:
-    """Final checkpoint + export, restore signal handlers, close the log; the run's summary."""
-    checkpoint(final=True)
-    stop_flag.restore()
-    bar.close()
-    bar.log(f"stopped ({stopped}) at step {step}; export in {out / 'export'}")
-    metrics_file.close()
-    return {"step": step, "metrics": bar.smoothed}
-
-
-class RunClock:
-    """After each step: checkpoint every ``--ckpt-minutes``; say why to stop (``--max-minutes`` or a signal)."""
-
-    def __init__(self, args: argparse.Namespace, stop_flag: "StopFlag", start: float):
-        self.args, self.stop_flag = args, stop_flag
-        self.start = self.last_checkpoint = start
-
-    def after_step(self, checkpoint) -> str | None:
-        if time.time() - self.last_checkpoint >= 60 * self.args.ckpt_minutes:
-            checkpoint()
-            self.last_checkpoint = time.time()
-        if self.args.max_minutes and time.time() - self.start >= 60 * self.args.max_minutes:
-            return "time"
-        if self.stop_flag.requested:
-            return "signal"
-        return None
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGINT: the training loop then checkpoints, exports and exits at the end of its step."""
-
-    def __init__(self) -> None:
-        import signal
-
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners): no handler
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------

@@ -34,8 +34,6 @@ import argparse
 import copy
 import json
 import random
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,17 +46,17 @@ from adaptive_tokenizer.config import DEFAULT_MODEL, ModelConfig
 from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, load_model_files, save_model_files, write_atomic
 
+from . import loop
 from .alit_init import INIT_SCHEMES, init_alit_weights
-from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
-                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, load_optimizer_state,
-                     make_scaler, optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
-from .data import TrainImages, load_val_images, prepare_split
+from .common import add_common_args, atomic_write_text, autocast, make_scaler, optimizer_step
 from adaptive_tokenizer.metrics import chroma, colour_offset, gradient_magnitude, is_greyscale
 
 from .losses import (PatchDiscriminator, adaptive_weight, colour_loss, generator_loss, gradient_energy_loss,
                      hinge_discriminator_loss, reconstruction_loss, smoothed_cross_entropy)
+from .loop import IncompatibleRun, run_main
 from .vq import load_base
 
+DISCRIMINATOR = "discriminator.safetensors"
 ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)  # the authors' per-iteration loss weights
 
 
@@ -132,54 +130,6 @@ class QuantizerTrainer:
         return dead.numel()
 
 
-class Adversary:
-    """Stage 3's discriminator side (``--disc-weight > 0``): a :class:`PatchDiscriminator` trained from scratch
-    with hinge losses on real crops against the step's reconstructions (its own AdamW, betas (0.5, 0.9) as
-    taming), and the generator's term ``disc_weight * adaptive_weight * -mean D(reconstruction)`` once
-    ``generator_on`` (from ``--disc-start``; the discriminator learns from the first step), times ``ramp`` (0 -> 1
-    linearly over ``--disc-ramp`` steps from ``--disc-start``; 1 without a ramp)."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.weight = args.disc_weight
-        self.precision = args.precision
-        self.device = device
-        self.discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers).to(device)
-        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
-                                           weight_decay=0.0)
-        self.generator_on = False
-        self.ramp = 1.0
-        self.fakes: list[Tensor] = []
-
-    def generator_term(self, images: Tensor) -> Tensor:
-        """``-mean D(images)``, differentiable into ``images`` (the discriminator's own weights get no gradient)."""
-        self.discriminator.requires_grad_(False)
-        with autocast(self.device, self.precision):
-            logits = self.discriminator(images)
-        self.discriminator.requires_grad_(True)
-        return generator_loss(logits)
-
-    def train_step(self, real: Tensor) -> dict[str, float]:
-        """One discriminator step on ``real`` against the reconstructions collected by the last ``distill_step``."""
-        fake = torch.cat(self.fakes)
-        self.fakes = []
-        with autocast(self.device, self.precision):
-            real_logits = self.discriminator(real)
-            fake_logits = self.discriminator(fake)
-        loss = hinge_discriminator_loss(real_logits, fake_logits)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"d_loss": loss.item(), "d_real": real_logits.float().mean().item(),
-                "d_fake": fake_logits.float().mean().item()}
-
-    def state_dict(self) -> dict:
-        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
 def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, args: argparse.Namespace,
                  device: torch.device, iterations: list[int], quantize: bool = True,
                  adversary: Adversary | None = None) -> tuple[Tensor, dict[str, float], Tensor]:
@@ -235,21 +185,8 @@ def distill_step(model: ALITModel, quantizer: QuantizerTrainer, pixels: Tensor, 
             parts["mse"] += mse.item() / len(iterations)
     loss = total / weight_sum + args.quant_weight * q_loss
     if args.train_base_decoder:  # the fine-tuned base decoder must still decode the base's own codes
-        with autocast(device, args.precision):
-            base_recon = model.base.decode_features(target_vectors)
-        base_pixel_loss, base_pix = pixel_terms(base_recon, pixels, args, {})
-        loss = loss + args.pixel_weight * base_pixel_loss
-        parts["base_l1"] = base_pix["l1"]
-        pixel_total = pixel_total / weight_sum + args.pixel_weight * base_pixel_loss
-        if adversary is not None:
-            adversary.fakes.append(base_recon.detach().float())
-            if adversary.generator_on:
-                adversarial_total = adversarial_total / weight_sum + adversary.generator_term(base_recon)
-        if adversary is not None and adversary.generator_on:
-            last_layer = model.base.decoder.conv_out.weight
-            d_weight = adaptive_weight(pixel_total, adversarial_total, last_layer) * adversary.weight * adversary.ramp
-            loss = loss + d_weight * adversarial_total
-            parts.update(g_loss=adversarial_total.item(), d_weight=d_weight.item())
+        loss = base_decoder_terms(loss, model, pixels, target_vectors, args, device, parts, pixel_total / weight_sum,
+                                  adversarial_total / weight_sum, adversary)
     parts.update(loss=loss.item(), qloss=q_loss.item(),
                  codes=float(torch.unique(ids).numel()))
     return loss, parts, normalised
@@ -270,6 +207,101 @@ def pixel_terms(recon: Tensor, pixels: Tensor, args: argparse.Namespace,
         loss = loss + args.colour_weight * colour
         parts["colour"] = colour.item()
     return loss, pix
+
+
+class Adversary:
+    """Stage 3's discriminator side (``--disc-weight > 0``): a :class:`PatchDiscriminator` trained from scratch
+    with hinge losses on real crops against the step's reconstructions (its own AdamW, betas (0.5, 0.9) as
+    taming), and the generator's term ``disc_weight * adaptive_weight * -mean D(reconstruction)`` once
+    ``generator_on`` (from ``--disc-start``; the discriminator learns from the first step), times ``ramp`` (0 -> 1
+    linearly over ``--disc-ramp`` steps from ``--disc-start``; 1 without a ramp)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.weight = args.disc_weight
+        self.precision = args.precision
+        self.device = device
+        self.discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers).to(device)
+        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
+                                           weight_decay=0.0)
+        self.start, self.ramp_steps = args.disc_start, args.disc_ramp
+        self.generator_on = False
+        self.ramp = 1.0
+        self.fakes: list[Tensor] = []
+
+    def follow_schedule(self, step: int) -> None:
+        """Before global ``step``: the generator term on from ``--disc-start``, ramped over ``--disc-ramp`` steps."""
+        self.generator_on = step >= self.start
+        if self.ramp_steps > 0:
+            self.ramp = min(1.0, (step - self.start + 1) / self.ramp_steps)
+
+    def generator_term(self, images: Tensor) -> Tensor:
+        """``-mean D(images)``, differentiable into ``images`` (the discriminator's own weights get no gradient)."""
+        self.discriminator.requires_grad_(False)
+        with autocast(self.device, self.precision):
+            logits = self.discriminator(images)
+        self.discriminator.requires_grad_(True)
+        return generator_loss(logits)
+
+    def train_step(self, real: Tensor) -> dict[str, float]:
+        """One discriminator step on ``real`` against the reconstructions collected by the last ``distill_step``."""
+        fake = torch.cat(self.fakes)
+        self.fakes = []
+        with autocast(self.device, self.precision):
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"d_loss": loss.item(), "d_real": real_logits.float().mean().item(),
+                "d_fake": fake_logits.float().mean().item()}
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def base_decoder_terms(loss: Tensor, model: ALITModel, pixels: Tensor, target_vectors: Tensor,
+                       args: argparse.Namespace, device: torch.device, parts: dict[str, float], pixel_total: Tensor,
+                       adversarial_total: Tensor, adversary: Adversary | None) -> Tensor:
+    """``--train-base-decoder``: ``loss`` plus the pixel loss of the base's own codes (``target_vectors``) through
+    the fine-tuned base decoder, so that it still decodes them (the base tokenizer's reconstruction stays a true
+    ceiling), and, when the ``adversary``'s generator term is on, that term over all the step's reconstructions at
+    taming's adaptive weight (measured at the base decoder's output layer). ``pixel_total`` /
+    ``adversarial_total``: the sampled iterations' pixel and generator terms, already divided by their weights'
+    sum."""
+    with autocast(device, args.precision):
+        base_recon = model.base.decode_features(target_vectors)
+    base_pixel_loss, base_pix = pixel_terms(base_recon, pixels, args, {})
+    loss = loss + args.pixel_weight * base_pixel_loss
+    parts["base_l1"] = base_pix["l1"]
+    if adversary is None:
+        return loss
+    adversary.fakes.append(base_recon.detach().float())
+    if not adversary.generator_on:
+        return loss
+    pixel_total = pixel_total + args.pixel_weight * base_pixel_loss
+    adversarial_total = adversarial_total + adversary.generator_term(base_recon)
+    last_layer = model.base.decoder.conv_out.weight
+    d_weight = adaptive_weight(pixel_total, adversarial_total, last_layer) * adversary.weight * adversary.ramp
+    parts.update(g_loss=adversarial_total.item(), d_weight=d_weight.item())
+    return loss + d_weight * adversarial_total
+
+
+def save_discriminator(adversary: Adversary, out: Path) -> None:
+    """``OUT/discriminator.safetensors`` (fp16): to continue the adversarial training elsewhere
+    (``--init-discriminator``)."""
+    weights = {key: value.detach().half().contiguous().cpu()
+               for key, value in adversary.discriminator.state_dict().items()}
+    write_atomic(out / DISCRIMINATOR, save_safetensors(weights))
+
+
+def load_discriminator(adversary: Adversary, path: str | Path) -> None:
+    """``--init-discriminator``: a run's :func:`save_discriminator` file."""
+    adversary.discriminator.load_state_dict({key: value.float() for key, value in load_file(path).items()})
 
 
 def sample_iterations(gen: random.Random, max_iterations: int, k: int) -> list[int]:
@@ -425,155 +457,136 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--train-base-decoder needs --pixel-weight > 0 (the base decoder learns from pixel losses only)")
     if args.disc_weight > 0 and not args.train_base_decoder:
         parser.error("--disc-weight needs --train-base-decoder (the adaptive weight is measured at its output layer)")
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return train(args)
+    return run_main(parser, args, argv, train)
 
 
 def train(args: argparse.Namespace) -> dict:
-    apply_threads(args.threads)
-    device = pick_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
-    base = load_base(args.base)
+    """Stages 2/3 through the shared loop (``training.loop``); raises :class:`IncompatibleRun` when ``OUT``'s
+    checkpoint was trained otherwise with respect to ``--train-base-decoder``, or ``--init`` does not fit."""
+    return loop.train(args, DistillStage)
+
+
+def model_config(args: argparse.Namespace, base_config) -> ModelConfig:
+    """``--config`` (its base replaced by the ``--base`` tokenizer's) or the default model's on that base."""
     if args.config:
-        config = ModelConfig.from_json(args.config).replace(base=base.config)
-    else:
-        config = default_model_config(base.config)
-    model = ALITModel(config)
-    init_alit_weights(model, args.seed, args.init_scheme, args.attention_gain)
-    model.base.load_state_dict(base.state_dict())
-    resuming = (out / "checkpoint.pt").is_file()
-    if args.init and not resuming:
-        init_config, init_weights = load_model_files(args.init)
-        # a length predictor is fitted after training (adaptive-tokenizer fit-length-predictor): not carried over
-        if init_config.replace(base=config.base, length_predictor=None) != config:
-            raise SystemExit(f"--init {args.init}: its ALIT config differs from the model being trained")
-        # the encoder/decoder/quantizer from --init; the frozen base is always --base's, which may have another
-        # architecture (a warm start on a new base tokenizer)
-        loaded = model.load_state_dict({key: value for key, value in init_weights.items()
-                                        if not key.startswith(("base.", "length_predictor."))}, strict=False)
-        if loaded.unexpected_keys or any(not key.startswith("base.") for key in loaded.missing_keys):
-            raise SystemExit(f"--init {args.init}: weights do not match its config ({loaded})")
-    model.to(device)
-    model.base.requires_grad_(False)
-    model.base.eval()
-    if args.train_base_decoder:
-        model.base.decoder.requires_grad_(True)
-    # no weight decay on norms, biases, embeddings, codebook; the base decoder (stage 3) at its own lr scale
+        return ModelConfig.from_json(args.config).replace(base=base_config)
+    return default_model_config(base_config)
+
+
+def start_from(model: ALITModel, folder: str) -> None:
+    """``--init``: the encoder/decoder/quantizer of an exported model with the same ALIT config. The frozen base
+    stays ``--base``'s, which may have another architecture (a warm start on a new base tokenizer); a length
+    predictor is fitted after training (``adaptive-tokenizer fit-length-predictor``): not carried over."""
+    init_config, init_weights = load_model_files(folder)
+    if init_config.replace(base=model.config.base, length_predictor=None) != model.config:
+        raise IncompatibleRun(f"--init {folder}: its ALIT config differs from the model being trained")
+    loaded = model.load_state_dict({key: value for key, value in init_weights.items()
+                                    if not key.startswith(("base.", "length_predictor."))}, strict=False)
+    if loaded.unexpected_keys or any(not key.startswith("base.") for key in loaded.missing_keys):
+        raise IncompatibleRun(f"--init {folder}: weights do not match its config ({loaded})")
+
+
+def make_optimizer(model: ALITModel, args: argparse.Namespace) -> tuple[list[Tensor], torch.optim.Optimizer]:
+    """AdamW without weight decay on norms, biases, embeddings and the codebook; the base decoder (stage 3) at
+    ``--base-decoder-lr-scale``. Returns (the trained parameters, the optimizer)."""
     decay, no_decay, base_decoder = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim < 2 or name.endswith(("embedding", "codebook", "latent_tokens", "mask_token"))
         (base_decoder if name.startswith("base.decoder.") else no_decay if exempt else decay).append(p)
-    params = decay + no_decay + base_decoder
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if base_decoder:
         groups.append({"params": base_decoder, "weight_decay": 0.0, "lr_scale": args.base_decoder_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
-    scaler = make_scaler(device, args.precision)
-    quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device,
-                                 init_from_data=not args.init and not resuming and args.codebook_init == "data")
+    return decay + no_decay + base_decoder, torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
 
-    adversary = Adversary(args, device) if args.disc_weight > 0 else None
-    if adversary is not None and args.init_discriminator and not resuming:
-        weights = load_file(args.init_discriminator)
-        adversary.discriminator.load_state_dict({key: value.float() for key, value in weights.items()})
 
-    train_names, val_names, data_record = prepare_split(args.data, out, args.val_fraction)
-    log = Progress(total=args.steps, initial=0, disable=True).log
-    stream = TrainImages(args.data, train_names, config.image_size, config.image_size, args.batch_size,
-                         args.min_scale, args.seed, args.cache_side, args.max_cache, args.workers, log=log)
-    val = load_val_images(args.data, val_names, config.image_size, args.val_images) if val_names else None
-    iteration_gen = random.Random(args.seed + 1)
+class DistillStage(loop.Stage):
+    """Stages 2/3 for the shared loop: the ALIT model on the frozen ``--base`` (its decoder trained with
+    ``--train-base-decoder``), the latent quantizer's training state, the adversary (``--disc-weight > 0``)."""
 
-    step = 0
-    ckpt_path = out / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path) if args.resume == "auto" else None
-    if state is not None:
-        trained_with = state["args"].get("train_base_decoder", False)
-        if trained_with != args.train_base_decoder:
-            raise SystemExit(f"{ckpt_path} was trained {'with' if trained_with else 'without'} "
-                             "--train-base-decoder: resume it the same way, or start a new --out with --init")
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
-        quantizer.load_state_dict(state["quantizer"])
-        stream.load_state_dict(state["data"])
-        iteration_gen.setstate(state["iteration_gen"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        if adversary is not None and "adversary" in state:
-            adversary.load_state_dict(state["adversary"])
-        log(f"resumed from {ckpt_path} at step {step}")
-    counts = model.num_parameters()
-    provenance = Provenance(out, "distill", args, data_record, inherit=args.init, base=args.base)
-    provenance.update(start_step=step, config=config.to_dict(), parameters=counts,
-                      base=str(Path(args.base).resolve()), init=args.init)
-    schedule = Schedule(args, step)
-    bar = Progress(total=args.steps, initial=step, disable=args.no_progress, log_every=args.log_every)
-    bar.log(f"ALIT parameters {json.dumps(counts)}; {len(train_names)} train / {len(val_names)} val images, "
-            f"device {device}, precision {args.precision}, threads {torch.get_num_threads()}")
-    t_start, start_images = time.time(), stream.images_seen
-    metrics_file = (out / "metrics.jsonl").open("a")
+    name = "distill"
 
-    def checkpoint(final: bool = False) -> None:
-        last = config.max_iterations - 1
-        quick = tuple(sorted({0, min(1, last), min(3, last), last}))  # 32, 64, 128, 256 tokens by default
-        record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "images_seen": stream.images_seen, "lr": optimizer.param_groups[0]["lr"],
-                  "restarts": quantizer.restarts, **bar.smoothed}
-        if val is not None:
-            record.update(evaluate(model, val, iterations=None if final else quick))
-            bar.log(f"step {step}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in record.items() if k.startswith("val")))
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "quantizer": quantizer.state_dict(), "data": stream.state_dict(),
-                           "iteration_gen": iteration_gen.getstate(), "rng": rng_state(), "step": step,
-                           "args": vars(args),
-                           **({"adversary": adversary.state_dict()} if adversary is not None else {})}, ckpt_path)
-        provenance.update(end_step=step, wall_seconds=round(time.time() - t_start, 1),
-                          images_seen=stream.images_seen - start_images, last_metrics=record, final=final,
-                          ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        export_model(model, out)
-        if adversary is not None:  # compact, to continue the adversarial training elsewhere (--init-discriminator)
-            write_atomic(out / "discriminator.safetensors",
-                         save_safetensors({key: value.detach().half().contiguous().cpu()
-                                           for key, value in adversary.discriminator.state_dict().items()}))
+    def __init__(self, args: argparse.Namespace, device: torch.device, state: dict | None, log) -> None:
+        fresh = state is None
+        trained_with = not fresh and state["args"].get("train_base_decoder", False)
+        if not fresh and trained_with != args.train_base_decoder:
+            raise IncompatibleRun(f"{Path(args.out) / loop.CHECKPOINT} was trained "
+                                  f"{'with' if trained_with else 'without'} --train-base-decoder: "
+                                  "resume it the same way, or start a new --out with --init")
+        self.args, self.device, self.base_folder, self.init_folder = args, device, args.base, args.init
+        base = load_base(args.base)
+        self.config = config = model_config(args, base.config)
+        self.image_size = self.crop_size = config.image_size
+        self.model = model = ALITModel(config)
+        init_alit_weights(model, args.seed, args.init_scheme, args.attention_gain)
+        model.base.load_state_dict(base.state_dict())
+        if args.init and fresh:
+            start_from(model, args.init)
+        model.to(device)
+        model.base.requires_grad_(False)
+        model.base.eval()
+        if args.train_base_decoder:
+            model.base.decoder.requires_grad_(True)
+        self.params, self.optimizer = make_optimizer(model, args)
+        self.scaler = make_scaler(device, args.precision)
+        self.quantizer = QuantizerTrainer(config.codebook_size, dead_threshold=args.dead_threshold, device=device,
+                                          init_from_data=not args.init and fresh and args.codebook_init == "data")
+        self.adversary = Adversary(args, device) if args.disc_weight > 0 else None
+        if self.adversary is not None and args.init_discriminator and fresh:
+            load_discriminator(self.adversary, args.init_discriminator)
+        self.iteration_gen = random.Random(args.seed + 1)
 
-    stop_flag = StopFlag()
-    clock = RunClock(args, stop_flag, t_start)
-    model.train()
-    model.base.eval()
-    stopped = "steps"
-    while step < args.steps:
-        if args.stop_after is not None and step >= args.stop_after:
-            stopped = "stop-after"
-            break
-        set_lr(optimizer, schedule.lr(step))
-        pixels = stream.next_batch().to(device)
-        iterations = sample_iterations(iteration_gen, config.max_iterations, args.iters_per_step)
+    def description(self) -> str:
+        return f"ALIT parameters {json.dumps(self.model.num_parameters())};"
+
+    def provenance(self) -> dict:
+        return {"config": self.config.to_dict(), "parameters": self.model.num_parameters(),
+                "base": str(Path(self.args.base).resolve()), "init": self.args.init}
+
+    def state_dict(self) -> dict:
+        extra = {"adversary": self.adversary.state_dict()} if self.adversary is not None else {}
+        return {"model": self.model.state_dict(), "quantizer": self.quantizer.state_dict(),
+                "iteration_gen": self.iteration_gen.getstate(), **extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.quantizer.load_state_dict(state["quantizer"])
+        self.iteration_gen.setstate(state["iteration_gen"])
+        if self.adversary is not None and "adversary" in state:
+            self.adversary.load_state_dict(state["adversary"])
+
+    def start(self) -> None:
+        self.model.train()
+        self.model.base.eval()
+
+    def train_step(self, step: int, pixels: Tensor) -> dict[str, float]:
+        args, adversary = self.args, self.adversary
+        iterations = sample_iterations(self.iteration_gen, self.config.max_iterations, args.iters_per_step)
         if adversary is not None:
-            adversary.generator_on = step >= args.disc_start
-            if args.disc_ramp > 0:
-                adversary.ramp = min(1.0, (step - args.disc_start + 1) / args.disc_ramp)
-        loss, parts, normalised = distill_step(model, quantizer, pixels, args, device, iterations,
+            adversary.follow_schedule(step)
+        loss, parts, normalised = distill_step(self.model, self.quantizer, pixels, args, self.device, iterations,
                                                quantize=step >= args.quantize_after, adversary=adversary)
-        optimizer_step(loss, optimizer, scaler, params, args.grad_clip)
+        optimizer_step(loss, self.optimizer, self.scaler, self.params, args.grad_clip)
         if adversary is not None:
             parts.update(adversary.train_step(pixels))
-        step += 1
-        if step % args.restart_every == 0:
-            parts["restarted"] = float(quantizer.restart_dead(model, normalised, optimizer))
-        bar.update(step, pixels.shape[0], {k: v for k, v in parts.items() if not k.startswith("pl1_")})
-        if args.eval_every and step % args.eval_every == 0 and val is not None:
-            bar.log(f"step {step}: " + json.dumps(evaluate(model, val)))
-        if (reason := clock.after_step(checkpoint)) is not None:
-            stopped = reason
-            break
-    return finish_run(checkpoint, stop_flag, bar, metrics_file, stopped, step, out)
+        if (step + 1) % args.restart_every == 0:
+            parts["restarted"] = float(self.quantizer.restart_dead(self.model, normalised, self.optimizer))
+        return {k: v for k, v in parts.items() if not k.startswith("pl1_")}
+
+    def record(self) -> dict:
+        return {"restarts": self.quantizer.restarts}
+
+    def validate(self, val: Tensor, quick: bool) -> dict:
+        """Every budget; ``quick``: 32, 64, 128, 256 tokens (by default)."""
+        last = self.config.max_iterations - 1
+        return evaluate(self.model, val, iterations=tuple(sorted({0, min(1, last), min(3, last), last}))
+                        if quick else None)
+
+    def export(self, out: Path) -> None:
+        export_model(self.model, out)
+        if self.adversary is not None:
+            save_discriminator(self.adversary, out)
 
 
 if __name__ == "__main__":

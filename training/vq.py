@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,10 +34,9 @@ from torch import Tensor
 from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
 
-from .common import (Progress, Provenance, RunClock, Schedule, StopFlag, add_common_args, apply_threads,
-                     atomic_torch_save, atomic_write_text, autocast, finish_run, load_checkpoint, load_optimizer_state,
-                     make_scaler, optimizer_step, pick_device, rng_state, seed_everything, set_lr, set_rng_state)
-from .data import TrainImages, load_val_images, prepare_split
+from . import loop
+from .common import add_common_args, atomic_write_text, autocast, make_scaler, optimizer_step
+from .loop import IncompatibleRun, run_main
 from .losses import reconstruction_loss
 
 BASE_CONFIG = "base_config.json"
@@ -217,123 +214,111 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return train(args)
+    parser = build_parser()
+    return run_main(parser, parser.parse_args(argv), argv, train)
 
 
 def train(args: argparse.Namespace) -> dict:
-    args.size = args.size or args.resolution
-    apply_threads(args.threads)
-    device = pick_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
-    config = VQGANConfig(ch=args.ch, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
-                         num_res_blocks=args.num_res_blocks, z_channels=args.codebook_dim,
-                         codebook_size=args.codebook_size, codebook_dim=args.codebook_dim, resolution=args.resolution,
-                         norm_groups=args.norm_groups, shortcut=args.shortcut)
-    model = VQGAN(config).to(device)
-    model.codebook.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    scaler = make_scaler(device, args.precision)
-    ema = EMACodebook(config.codebook_size, config.codebook_dim, args.ema_decay, args.dead_threshold, device)
+    """Stage 1 through the shared loop (``training.loop``); raises :class:`IncompatibleRun` when ``OUT``'s
+    checkpoint or ``--init`` has another architecture than the flags."""
+    return loop.train(args, VQStage)
 
-    train_names, val_names, data_record = prepare_split(args.data, out, args.val_fraction)
-    progress_log = Progress(total=args.steps, initial=0, disable=True)  # for log() before the bar exists
-    stream = TrainImages(args.data, train_names, args.size, args.resolution, args.batch_size, args.min_scale,
-                         args.seed, args.cache_side, args.max_cache, args.workers, log=progress_log.log)
-    val = load_val_images(args.data, val_names, args.resolution, args.val_images) if val_names else None
 
-    step = 0
-    ckpt_path = out / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path) if args.resume == "auto" else None
-    if state is None and args.init:
-        init = load_base(args.init)
-        if init.config != config:
-            raise SystemExit(f"--init {args.init} has base config {init.config}, this run {config}: give the same "
-                             "architecture flags (--ch, --ch-mult, --num-res-blocks, --norm-groups, --shortcut, ...)")
-        model.load_state_dict(init.state_dict())
-        with torch.no_grad():  # the EMA codebook continues from the stored codebook, every code "alive"
-            ema.count.fill_(1.0)
-            ema.total.copy_(model.codebook)
-            ema.initialised = True
-        progress_log.log(f"initialised from {args.init}")
-    if state is not None:
-        # GroupNorm groups do not change tensor shapes, so a mismatch would load silently (a different shortcut
-        # would not load, but say so plainly); checkpoints from before these flags used the authors' values
-        for flag, default in (("norm_groups", 32), ("shortcut", "branch")):
-            trained = state["args"].get(flag, default)
-            if trained != getattr(args, flag):
-                raise SystemExit(f"{ckpt_path} was trained with --{flag.replace('_', '-')} {trained}: "
-                                 "resume it the same way")
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        progress_log.log(f"resumed from {ckpt_path} at step {step}")
-    provenance = Provenance(out, "vq", args, data_record, inherit=args.init)
-    provenance.update(start_step=step, config=config.__dict__,
-                      parameters=sum(p.numel() for p in model.parameters()))
-    schedule = Schedule(args, step)
-    bar = Progress(total=args.steps, initial=step, disable=args.no_progress, log_every=args.log_every)
-    bar.log(f"VQGAN {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_names)} train / "
-            f"{len(val_names)} val images, device {device}, precision {args.precision}, "
-            f"threads {torch.get_num_threads()}")
-    t_start, start_images = time.time(), stream.images_seen
-    metrics_file = (out / "metrics.jsonl").open("a")
+def vq_config(args: argparse.Namespace) -> VQGANConfig:
+    """The base tokenizer the architecture flags describe."""
+    return VQGANConfig(ch=args.ch, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
+                       num_res_blocks=args.num_res_blocks, z_channels=args.codebook_dim,
+                       codebook_size=args.codebook_size, codebook_dim=args.codebook_dim, resolution=args.resolution,
+                       norm_groups=args.norm_groups, shortcut=args.shortcut)
 
-    def checkpoint(final: bool = False) -> None:
-        record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "images_seen": stream.images_seen, "lr": optimizer.param_groups[0]["lr"], **bar.smoothed}
-        if val is not None:
-            record.update(evaluate(model, val))
-            bar.log(f"step {step}: val L1 {record['val_l1']:.4f}, codes used on val {record['val_codes_used']}, "
-                    f"restarts so far {ema.restarts}")
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                           "data": stream.state_dict(), "rng": rng_state(), "step": step,
-                           "args": vars(args)}, ckpt_path)
-        provenance.update(end_step=step, wall_seconds=round(time.time() - t_start, 1),
-                          images_seen=stream.images_seen - start_images, last_metrics=record, final=final,
-                          ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        export_base(model, out / "export")
-        atomic_write_text(out / "export" / "training_provenance.json", (out / "provenance.json").read_text())
 
-    stop_flag = StopFlag()
-    clock = RunClock(args, stop_flag, t_start)
-    model.train()
-    stopped = "steps"
-    while step < args.steps:
-        if args.stop_after is not None and step >= args.stop_after:
-            stopped = "stop-after"
-            break
-        progress = schedule.progress(step)
+def check_resume(trained: dict, args: argparse.Namespace) -> None:
+    """GroupNorm groups do not change tensor shapes, so a mismatch would load silently (a different shortcut would
+    not load, but say so plainly); checkpoints from before these flags used the authors' values."""
+    for flag, default in (("norm_groups", 32), ("shortcut", "branch")):
+        if trained.get(flag, default) != getattr(args, flag):
+            raise IncompatibleRun(f"{Path(args.out) / loop.CHECKPOINT} was trained with "
+                                  f"--{flag.replace('_', '-')} {trained.get(flag, default)}: resume it the same way")
+
+
+class VQStage(loop.Stage):
+    """Stage 1 for the shared loop: the VQGAN, its AdamW, the EMA codebook; ``--init`` on a fresh run."""
+
+    name = "vq"
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, state: dict | None, log) -> None:
+        args.size = args.size or args.resolution
+        if state is not None:
+            check_resume(state["args"], args)
+        self.args, self.device, self.log, self.init_folder = args, device, log, args.init
+        self.image_size, self.crop_size = args.resolution, args.size
+        self.config = config = vq_config(args)
+        self.model = VQGAN(config).to(device)
+        self.model.codebook.requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+        self.scaler = make_scaler(device, args.precision)
+        self.ema = EMACodebook(config.codebook_size, config.codebook_dim, args.ema_decay, args.dead_threshold, device)
+        if state is None and args.init:
+            self.start_from(args.init)
+
+    def start_from(self, folder: str) -> None:
+        """``--init``: the weights of an exported base of the same architecture; the EMA codebook continues from
+        its codebook, every code "alive"."""
+        init = load_base(folder)
+        if init.config != self.config:
+            raise IncompatibleRun(f"--init {folder} has base config {init.config}, this run {self.config}: give the "
+                                  "same architecture flags (--ch, --ch-mult, --num-res-blocks, --norm-groups, "
+                                  "--shortcut, ...)")
+        self.model.load_state_dict(init.state_dict())
+        with torch.no_grad():
+            self.ema.count.fill_(1.0)
+            self.ema.total.copy_(self.model.codebook)
+            self.ema.initialised = True
+        self.log(f"initialised from {folder}")
+
+    def description(self) -> str:
+        return f"VQGAN {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params,"
+
+    def provenance(self) -> dict:
+        return {"config": self.config.__dict__, "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+
+    def next_batch(self, stream, step: int, progress: float) -> Tensor:
+        """The last ``--full-size-frac`` of training on full ``--resolution`` crops, batch scaled by pixel count."""
+        args = self.args
         full = progress >= 1 - args.full_size_frac and args.size != args.resolution
         size = args.resolution if full else args.size
         if stream.size != size:
             stream.size = size
             stream.batch_size = max(1, round(args.batch_size * args.size**2 / size**2))
-            bar.log(f"step {step}: switching to {size} px crops, batch {stream.batch_size}")
-        set_lr(optimizer, schedule.lr(step))
-        pixels = stream.next_batch().to(device)
-        loss, parts, flat, ids = vq_step(model, ema, pixels, args, device)
-        optimizer_step(loss, optimizer, scaler, params, args.grad_clip)
-        ema.update(flat, ids, model.codebook.data)
-        step += 1
-        if step % args.restart_every == 0:
-            parts["restarted"] = float(ema.restart_dead(flat, model.codebook.data))
-        bar.update(step, pixels.shape[0], parts)
-        if args.eval_every and step % args.eval_every == 0 and val is not None:
-            bar.log(f"step {step}: " + json.dumps(evaluate(model, val)))
-        if (reason := clock.after_step(checkpoint)) is not None:
-            stopped = reason
-            break
-    return finish_run(checkpoint, stop_flag, bar, metrics_file, stopped, step, out)
+            self.log(f"step {step}: switching to {size} px crops, batch {stream.batch_size}")
+        return stream.next_batch().to(self.device)
+
+    def train_step(self, step: int, pixels: Tensor) -> dict[str, float]:
+        loss, parts, flat, ids = vq_step(self.model, self.ema, pixels, self.args, self.device)
+        optimizer_step(loss, self.optimizer, self.scaler, self.params, self.args.grad_clip)
+        self.ema.update(flat, ids, self.model.codebook.data)
+        if (step + 1) % self.args.restart_every == 0:
+            parts["restarted"] = float(self.ema.restart_dead(flat, self.model.codebook.data))
+        return parts
+
+    def validate(self, val: Tensor, quick: bool) -> dict:
+        return evaluate(self.model, val)
+
+    def validation_message(self, metrics: dict) -> str:
+        return (f"val L1 {metrics['val_l1']:.4f}, codes used on val {metrics['val_codes_used']}, "
+                f"restarts so far {self.ema.restarts}")
+
+    def export(self, out: Path) -> None:
+        export_base(self.model, out / "export")
+        atomic_write_text(out / "export" / "training_provenance.json", (out / "provenance.json").read_text())
 
 
 if __name__ == "__main__":
