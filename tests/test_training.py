@@ -461,6 +461,9 @@ def test_sharpness_and_colour_losses():
 
 
 def test_distill_adversarial_stage3(image_folder, tmp_path):
+    from training.losses import PatchDiscriminator
+    from training.stage3 import Adversary
+
     common = _distill_arguments(image_folder, tmp_path) + ["--warmup", "1", "--pixel-weight", "1", "--grad-weight",
                                                           "1", "--colour-weight", "1"]
     with pytest.raises(SystemExit):  # the adaptive weight is measured at the base decoder's output layer
@@ -469,7 +472,7 @@ def test_distill_adversarial_stage3(image_folder, tmp_path):
                     "--disc-layers", "2", "--log-every", "1"]
     distill.main(gan + ["--out", str(tmp_path / "a"), "--steps", "2", "--stop-after", "1"])
     first = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    fresh = distill.PatchDiscriminator(8, 2).state_dict()
+    fresh = PatchDiscriminator(8, 2).state_dict()
     assert any(not torch.equal(first["adversary"]["discriminator"][k], fresh[k]) for k in fresh)  # it learned
     distill.main(gan + ["--out", str(tmp_path / "a"), "--steps", "2"])  # resumed, discriminator included
     distill.main(gan + ["--out", str(tmp_path / "b"), "--steps", "2"])
@@ -485,7 +488,7 @@ def test_distill_adversarial_stage3(image_folder, tmp_path):
     args = distill.build_parser().parse_args(gan + ["--out", "x", "--precision", "fp32"])
     model = AdaptiveTokenizer.from_pretrained(tmp_path / "a" / "export").model.float()
     model.base.decoder.requires_grad_(True)
-    adversary = distill.Adversary(args, torch.device("cpu"))
+    adversary = Adversary(args, torch.device("cpu"))
     adversary.generator_on = True
     pixels = torch.rand(4, 3, 32, 32)
     weights = []

@@ -1,6 +1,6 @@
 """The starting weights of the ALIT model that ``python -m training.distill`` trains: a fresh initialisation
 (``--init-scheme``: the library creates the trainable parts as zeros, :func:`init_alit_weights` fills them by one
-of :data:`INIT_SCHEMES`)."""
+of :data:`INIT_SCHEMES`) or an exported model's (``--init``: :func:`start_from`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_tokenizer.model import ALITModel
+from adaptive_tokenizer.tokenizer import load_model_files
+
+from .loop import IncompatibleRun
 
 MAE_WAVELENGTHS = (2 * math.pi, 2 * math.pi * 1e4)  # in grid cells: MAE's frequencies 1 / 10000**(i / quarter)
 
@@ -125,3 +128,16 @@ def init_alit_weights(model: ALITModel, seed: int = 0, scheme: str = "small", at
                 k.zero_()
                 q[:, query_half] = attention_gain * shared
                 k[:, key_half] = shared
+
+
+def start_from(model: ALITModel, folder: str) -> None:
+    """``--init``: the encoder/decoder/quantizer of an exported model with the same ALIT config. The frozen base
+    stays ``--base``'s, which may have another architecture (a warm start on a new base tokenizer); a length
+    predictor is fitted after training (``adaptive-tokenizer fit-length-predictor``): not carried over."""
+    init_config, init_weights = load_model_files(folder)
+    if init_config.replace(base=model.config.base, length_predictor=None) != model.config:
+        raise IncompatibleRun(f"--init {folder}: its ALIT config differs from the model being trained")
+    loaded = model.load_state_dict({key: value for key, value in init_weights.items()
+                                    if not key.startswith(("base.", "length_predictor."))}, strict=False)
+    if loaded.unexpected_keys or any(not key.startswith("base.") for key in loaded.missing_keys):
+        raise IncompatibleRun(f"--init {folder}: weights do not match its config ({loaded})")

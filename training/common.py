@@ -87,6 +87,29 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: continue from OUT/checkpoint.pt when it exists")
 
 
+# ---- argument types -------------------------------------------------------------------------------------------
+def iteration_weights(text: str) -> tuple[float, ...]:
+    """``"2.5,2,1.5"`` -> ``(2.5, 2.0, 1.5)``: positive per-iteration loss weights."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2.5,2,1.5, got {text!r}")
+    if not all(w > 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"iteration weights must be positive, got {text!r}")
+    return weights
+
+
+def loss_weight(text: str) -> float:
+    """A loss weight: a number >= 0."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not weight >= 0:
+        raise argparse.ArgumentTypeError(f"a loss weight must be >= 0, got {text!r}")
+    return weight
+
+
 def apply_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
