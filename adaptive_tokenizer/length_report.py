@@ -119,7 +119,10 @@ def rules_report(errors: Tensor, l1: Tensor, predicted: Tensor | None, complexit
     exact = choose_iterations(errors, [exact_threshold])[0]
     report = {"target_tokens": target_tokens, "exact": rule_summary(exact, errors, l1, exact_threshold, complexity,
                                                                     budgets)}
-    report["exact"]["decodes_per_image"] = float((exact + 1).double().mean())
+    # every length up to the first meeting the target; all of them when none does (the lowest error needs them)
+    reached = (errors <= torch.tensor(exact_threshold, dtype=errors.dtype)).any(dim=1)
+    exact_decodes = torch.where(reached, exact + 1, torch.full_like(exact, len(budgets)))
+    report["exact"]["decodes_per_image"] = float(exact_decodes.double().mean())
     starts = (choose_iterations(predicted * (1 + margin), [exact_threshold])[0] if predicted is not None
               else torch.full((len(errors),), (len(budgets) - 1) // 2))
     search, decodes = search_choices(errors, starts.tolist(), exact_threshold, bisect=predicted is None)

@@ -289,3 +289,20 @@ def test_broken_predictor_weights_are_a_clear_error(pixels):
     for rule in ("predicted", "search"):
         with pytest.raises(ValueError, match="non-finite"):
             tok.encode(pixels, halt_threshold=0.1, length_rule=rule)
+
+
+def test_rules_report_counts_the_decodes_each_rule_needs():
+    """``rules_report`` (evaluate's table): the exact rule decodes every length up to its choice, and all of them
+    for an image no length brings to the target; the search replays its bookkeeping on the same errors."""
+    from adaptive_tokenizer.length_report import rules_report
+
+    errors = torch.tensor([[0.9, 0.5, 0.3, 0.2], [0.8, 0.7, 0.6, 0.55], [0.4, 0.3, 0.2, 0.1]])
+    budgets = [8, 16, 24, 32]
+    report = rules_report(errors, errors, None, np.array([3.0, 2.0, 1.0]), budgets, target_tokens=24)
+    threshold = report["exact"]["threshold"]
+    exact = choose_iterations(errors, [threshold])[0]
+    reached = (errors <= threshold).any(dim=1)
+    expected = torch.where(reached, exact + 1, torch.full_like(exact, 4)).double().mean()
+    assert report["exact"]["decodes_per_image"] == pytest.approx(float(expected))
+    assert not bool(reached.all())  # the second image never reaches it: its four decodes are counted
+    assert report["search"]["same_length_as_exact"] == 1.0
