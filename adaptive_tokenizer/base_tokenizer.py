@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codebook import nearest_code
 from .config import ShortcutKind, VQGANConfig
 
 
@@ -187,11 +188,8 @@ class VQGAN(nn.Module):
 
     def code_ids(self, features: Tensor) -> Tensor:
         """Nearest (unnormalised, squared-L2) codebook entry of each grid cell: ``[N, C, g, g]`` -> ``[N, g*g]``."""
-        flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
-        codebook = self.codebook.float()
-        distances = (flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)
-                     - 2 * flat @ codebook.t())
-        return distances.argmin(dim=1).view(features.shape[0], -1)
+        flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        return nearest_code(flat, self.codebook).view(features.shape[0], -1)
 
     def decode_features(self, features: Tensor) -> Tensor:
         """``[N, g*g, C]`` code vectors (row-major grid) -> ``[N, 3, R, R]`` pixels, unclamped."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codebook import squared_distances
 from .config import LengthPredictorConfig, ModelConfig
 
 GRADIENT_SCALES = (1, 2, 4, 8)
@@ -46,9 +47,7 @@ def base_features(features: Tensor, codebook: Tensor) -> Tensor:
     """Base encoder features ``[n, C, g, g]`` -> ``[n, 2C + 3]``: per-channel mean and std, and the mean, std and
     max over cells of the squared distance to the nearest base code (how well the base's codebook fits)."""
     flat = features.float().flatten(2).transpose(1, 2)  # [n, G2, C]
-    codebook = codebook.float()
-    distances = flat.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1) - 2 * flat @ codebook.t()
-    residual = distances.min(dim=-1).values.clamp(min=0)  # [n, G2]
+    residual = squared_distances(flat, codebook).min(dim=-1).values.clamp(min=0)  # [n, G2]
     return torch.cat([flat.mean(1), flat.std(1), residual.mean(1, keepdim=True), residual.std(1, keepdim=True),
                       residual.max(1, keepdim=True).values], 1)
 

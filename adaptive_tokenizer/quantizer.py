@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codebook import nearest_code
+
 
 class LatentQuantizer(nn.Module):
     """Nearest-neighbour lookup in an l2-normalised codebook of ``codebook_size`` vectors of ``dim`` floats.
 
-    Distances are squared L2 between l2-normalised vectors (computed in float32 as
-    ``|z|^2 + |e|^2 - 2 z.e``, the authors' formula, so near-ties resolve the same way).
+    Distances are squared L2 between l2-normalised vectors (:func:`~adaptive_tokenizer.codebook.nearest_code`:
+    float32, the authors' formula, so near-ties resolve the same way).
     """
 
     def __init__(self, codebook_size: int, dim: int):
@@ -28,9 +30,7 @@ class LatentQuantizer(nn.Module):
     def quantize(self, vectors: Tensor) -> Tensor:
         """``[..., dim]`` float -> ``[...]`` int64 code ids."""
         flat = F.normalize(vectors.float().reshape(-1, vectors.shape[-1]), dim=-1)
-        codebook = self.normalized_codebook()
-        distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
-        return distances.argmin(dim=1).view(vectors.shape[:-1])
+        return nearest_code(flat, self.normalized_codebook()).view(vectors.shape[:-1])
 
     def lookup(self, ids: Tensor) -> Tensor:
         """``[...]`` int64 ids -> ``[..., dim]`` float32 l2-normalised code vectors (what the decoder reads)."""

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import DEFAULT_MODEL, ModelConfig
 from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, save_model_files
@@ -105,8 +106,7 @@ class QuantizerTrainer:
         codebook = F.normalize(model.quantizer.codebook.float(), dim=-1)
         flat = z.reshape(-1, z.shape[-1])
         with torch.no_grad():
-            distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
-            ids = distances.argmin(1)
+            ids = nearest_code(flat, codebook)
             counts = torch.bincount(ids, minlength=codebook.shape[0]).float()
             self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         q = codebook[ids].view_as(z)

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from adaptive_tokenizer.base_tokenizer import VQGAN
+from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
 
 from . import loop
@@ -104,12 +105,6 @@ class EMACodebook:
         return dead.numel()
 
 
-def nearest(flat: Tensor, codebook: Tensor) -> Tensor:
-    """Squared-L2 nearest code ids, float32 (same rule as ``VQGAN.code_ids``)."""
-    distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
-    return distances.argmin(1)
-
-
 def vq_step(model: VQGAN, ema: EMACodebook, pixels: Tensor, args: argparse.Namespace, device: torch.device,
             train: bool = True) -> tuple[Tensor, dict[str, float], Tensor, Tensor]:
     """Forward + losses. Returns (loss, logged parts, flat encoder outputs, their code ids)."""
@@ -121,7 +116,7 @@ def vq_step(model: VQGAN, ema: EMACodebook, pixels: Tensor, args: argparse.Names
     if train and not ema.initialised:
         ema.init_from(flat.detach(), model.codebook.data)
         codebook = model.codebook.detach().float()
-    ids = nearest(flat.detach(), codebook)
+    ids = nearest_code(flat.detach(), codebook)
     quantized = codebook[ids].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
     commit = F.mse_loss(z, quantized)
     z_q = z + (quantized - z).detach()
