@@ -1,7 +1,10 @@
 """Model configuration: frozen dataclasses, serialised to ``config.json``.
 
-A config is plain data. ``ModelConfig.to_dict()`` / ``ModelConfig.from_dict()`` round-trip through JSON, and
+A config is plain data. Every config class (``VQGANConfig``, ``LengthPredictorConfig``, ``ModelConfig``) has
+``to_dict()`` / ``from_dict()`` (a JSON-ready dict: nested configs as dicts, tuples as lists once in JSON; unknown
+fields are refused by name) and ``to_json_string()`` / ``to_json(path)`` / ``from_json(path)``.
 ``ModelConfig.validate()`` (run on construction) rejects inconsistent sizes with a message naming the field.
+Named architectures (the default model's, the authors' sizes) live in :mod:`adaptive_tokenizer.presets`.
 """
 
 from __future__ import annotations
@@ -10,17 +13,61 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
+
+from .io_utils import write_atomic
 
 CONFIG_FORMAT_VERSION = 1
 
 LatentKind = Literal["quantized", "continuous"]
 RolloutKind = Literal["recurrent", "cached"]
 ShortcutKind = Literal["branch", "input"]
+_Config = TypeVar("_Config", bound="JSONConfig")
+
+
+class JSONConfig:
+    """What every config class shares: ``to_dict``/``from_dict`` and the JSON file round trip.
+
+    ``to_dict``: the dataclass fields (nested configs as dicts). ``from_dict``: the reverse, JSON lists back to
+    tuples (frozen dataclasses hold tuples); a field the class does not know is a ValueError naming it (with
+    ``_label``, where in a file the dict sits), a missing one takes its default.
+    """
+
+    _label: ClassVar[str] = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_Config], data: dict[str, Any]) -> _Config:
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls._label} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls._label} has unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_json(self, path: str | Path) -> None:
+        """Write :meth:`to_json_string` to ``path`` (atomically: the file appears complete or not at all)."""
+        write_atomic(path, self.to_json_string().encode())
+
+    @classmethod
+    def from_json(cls: type[_Config], path: str | Path) -> _Config:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
 
 
 @dataclass(frozen=True)
-class VQGANConfig:
+class VQGANConfig(JSONConfig):
     """The frozen 2D base tokenizer: a taming-style VQGAN (conv encoder, codebook, conv decoder).
 
     The encoder downsamples by ``2 ** (len(ch_mult) - 1)`` with average pooling; the decoder upsamples with
@@ -46,6 +93,8 @@ class VQGANConfig:
     resolution: int = 256
     norm_groups: int = 32
     shortcut: ShortcutKind = "branch"
+
+    _label: ClassVar[str] = "config base"
 
     @property
     def downsample_factor(self) -> int:
@@ -78,7 +127,7 @@ PREDICTOR_FEATURES = ("pixels", "base", "class", "image_tokens", "latents")
 
 
 @dataclass(frozen=True)
-class LengthPredictorConfig:
+class LengthPredictorConfig(JSONConfig):
     """The length predictor: an MLP from features of the encoder's first iteration to the log of the error at every
     length (``length_predictor.py``).
 
@@ -96,6 +145,8 @@ class LengthPredictorConfig:
     num_inputs: int = 0
     margin: float = 0.0
 
+    _label: ClassVar[str] = "config length_predictor"
+
     def validate(self) -> None:
         if not self.features or list(self.features) != [f for f in PREDICTOR_FEATURES if f in self.features]:
             raise ValueError(f"LengthPredictorConfig.features must be a non-empty subset of {list(PREDICTOR_FEATURES)} "
@@ -106,17 +157,9 @@ class LengthPredictorConfig:
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 1:
             raise ValueError(f"LengthPredictorConfig.margin must be a number in [0, 1], got {self.margin!r}")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LengthPredictorConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config length_predictor has unknown fields {unknown}; known fields: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JSONConfig):
     """An ALIT model: base tokenizer + latent-distillation encoder/decoder + (optional) latent quantizer.
 
     Sizes: the encoder sees ``[class token, grid_size**2 image tokens, tokens_per_iteration * (t + 1) latents]``
@@ -163,9 +206,10 @@ class ModelConfig:
     length_predictor: LengthPredictorConfig | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.base, dict):  # convenience for from_dict and hand-written configs
-            object.__setattr__(self, "base", VQGANConfig(**_tuples(self.base)))
-        if isinstance(self.length_predictor, dict):
+        # nested configs given as dicts (from_dict, hand-written configs) become config objects
+        if not isinstance(self.base, VQGANConfig):
+            object.__setattr__(self, "base", VQGANConfig.from_dict(self.base))
+        if self.length_predictor is not None and not isinstance(self.length_predictor, LengthPredictorConfig):
             object.__setattr__(self, "length_predictor", LengthPredictorConfig.from_dict(self.length_predictor))
         self.validate()
 
@@ -230,60 +274,23 @@ class ModelConfig:
         if self.length_predictor is not None:
             self.length_predictor.validate()
 
-    # ---- serialisation -------------------------------------------------------------------------------------
+    # ---- serialisation (the rest is JSONConfig's) ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["format_version"] = CONFIG_FORMAT_VERSION
-        return data
+        """The fields (``base`` and ``length_predictor`` as dicts) and ``format_version``."""
+        return {**super().to_dict(), "format_version": CONFIG_FORMAT_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        data = dict(data)
-        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
-        if version != CONFIG_FORMAT_VERSION:
-            raise ValueError(f"config format_version {version} is not supported (this library reads "
-                             f"{CONFIG_FORMAT_VERSION}); upgrade adaptive-tokenizer")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config has unknown fields {unknown}; known fields: {sorted(known)}")
-        return cls(**_tuples(data))
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json_string())
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        if isinstance(data, dict):
+            data = dict(data)
+            version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+            if version != CONFIG_FORMAT_VERSION:
+                raise ValueError(f"config format_version {version} is not supported (this library reads "
+                                 f"{CONFIG_FORMAT_VERSION}); upgrade adaptive-tokenizer")
+        return super().from_dict(data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-
-def _tuples(data: dict[str, Any]) -> dict[str, Any]:
-    """JSON lists back to tuples (frozen dataclasses hold tuples), recursively for the base config."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        out[key] = value
-    if isinstance(out.get("base"), dict):
-        base = out["base"]
-        known = {f.name for f in dataclasses.fields(VQGANConfig)}
-        unknown = sorted(set(base) - known)
-        if unknown:
-            raise ValueError(f"config base has unknown fields {unknown}; known fields: {sorted(known)}")
-        out["base"] = VQGANConfig(**_tuples(base))
-    return out
 
 
 def _positive(config: Any, *names: str) -> None:

@@ -15,8 +15,10 @@ import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
+if TYPE_CHECKING:  # png_bytes only calls the image's own save(); the config module imports this one
+    from PIL import Image
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, parents: bool = False) -> None:

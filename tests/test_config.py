@@ -1,4 +1,5 @@
-"""Configs are frozen data: JSON round trip, validation with messages that name the field."""
+"""Configs are frozen data: every config class round-trips through a dict and a JSON file, unknown fields are refused
+by name, and validation gives messages that name the field."""
 
 import dataclasses
 import json
@@ -9,6 +10,45 @@ import torch
 from adaptive_tokenizer import ModelConfig, VQGANConfig
 from adaptive_tokenizer.config import LengthPredictorConfig
 from adaptive_tokenizer.base_tokenizer import VQGAN
+
+
+CONFIGS = [VQGANConfig(), VQGANConfig(ch=32, ch_mult=(1, 2), norm_groups=8, shortcut="input"),
+           LengthPredictorConfig(num_inputs=11), LengthPredictorConfig(features=("pixels", "latents"), num_inputs=9),
+           ModelConfig(), ModelConfig(length_predictor=LengthPredictorConfig(num_inputs=5))]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_every_config_class_round_trips_through_dict_and_json(config, tmp_path):
+    cls = type(config)
+    data = config.to_dict()
+    assert cls.from_dict(data) == config
+    assert cls.from_dict(json.loads(json.dumps(data))) == config  # JSON turns tuples into lists
+    assert cls.from_dict(json.loads(config.to_json_string())) == config
+    config.to_json(tmp_path / "c.json")
+    assert cls.from_json(tmp_path / "c.json") == config
+    assert not [p for p in tmp_path.iterdir() if p.name != "c.json"]  # written atomically: no temporary left
+
+
+@pytest.mark.parametrize("cls,where", [(VQGANConfig, "config base"), (LengthPredictorConfig, "config length_predictor"),
+                                       (ModelConfig, "config")])
+def test_every_config_class_refuses_unknown_fields_and_non_objects(cls, where, tmp_path):
+    with pytest.raises(ValueError, match=f"^{where} has unknown fields \\['depth'\\]"):
+        cls.from_dict({"depth": 2})
+    with pytest.raises(ValueError, match=f"^{where} must be a JSON object"):
+        cls.from_dict([1, 2])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        cls.from_json(tmp_path / "list.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cls.from_json(tmp_path / "bad.json")
+
+
+def test_nested_configs_must_be_objects():
+    for field in ("base", "length_predictor"):
+        data = {**ModelConfig().to_dict(), field: 5}
+        with pytest.raises(ValueError, match=f"config {field} must be a JSON object, got int"):
+            ModelConfig.from_dict(data)
 
 
 def test_json_round_trip(tmp_path):

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
+from adaptive_tokenizer.io_utils import write_atomic
 
 from . import loop
 from .common import add_common_args, atomic_write_text, autocast, make_scaler, optimizer_step
@@ -151,20 +151,15 @@ def export_base(model: VQGAN, directory: Path) -> None:
     """``base_config.json`` + ``base.safetensors`` (fp32), written atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / f".{BASE_WEIGHTS}.tmp"
-    save_file(weights, tmp, metadata={"format": "pt"})
-    tmp.chmod(0o644)
-    tmp.replace(directory / BASE_WEIGHTS)
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.__dict__.items()}
-    atomic_write_text(directory / BASE_CONFIG, json.dumps(config, indent=2) + "\n")
+    write_atomic(directory / BASE_WEIGHTS, save(weights, metadata={"format": "pt"}))
+    model.config.to_json(directory / BASE_CONFIG)
 
 
 def load_base(directory: str | Path) -> VQGAN:
     """A stage-1 export (``base_config.json`` + ``base.safetensors``) or an ALIT model directory (its ``base``)."""
     directory = Path(directory)
     if (directory / BASE_CONFIG).is_file():
-        data = json.loads((directory / BASE_CONFIG).read_text())
-        config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        config = VQGANConfig.from_json(directory / BASE_CONFIG)
         weights = load_file(directory / BASE_WEIGHTS)
     else:
         from adaptive_tokenizer.tokenizer import load_model_files
@@ -276,7 +271,7 @@ class VQStage(loop.Stage):
         return f"VQGAN {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params,"
 
     def provenance(self) -> dict:
-        return {"config": self.config.__dict__, "parameters": sum(p.numel() for p in self.model.parameters())}
+        return {"config": self.config.to_dict(), "parameters": sum(p.numel() for p in self.model.parameters())}
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
