@@ -26,25 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DEFAULT_MODEL, ModelConfig, VQGANConfig
+from .config import ModelConfig
 from .model import ALITModel
+from .presets import get_preset, list_presets
 from .rollout import IterationRecord, rollout
-
-# The authors' alit_small: width 1024, 8 + 8 layers, 8 heads, their VQGAN ddconfig, 256 px.
-ALIT_SMALL = ModelConfig(
-    base=VQGANConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codebook_size=1024,
-                     codebook_dim=256, resolution=256),
-    image_size=256, patch_size=16, encoder_width=1024, encoder_layers=8, encoder_heads=8, decoder_width=1024,
-    decoder_layers=8, decoder_heads=8, dynamic_halting=False)
-SIZES = ("alit_small", "default")
-
-
-def preset_config(size: str) -> ModelConfig:
-    """``alit_small`` (the authors' size) or ``default`` (the embedded default model's architecture)."""
-    presets = {"alit_small": ALIT_SMALL, "default": DEFAULT_MODEL}
-    if size not in presets:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(presets)}")
-    return presets[size]
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> ALITModel:
@@ -153,7 +138,7 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
     """Run every measurement (see the module docstring); print a table, then one JSON line; return the JSON."""
     if batch < 1 or threads < 1 or repeats < 1:
         raise ValueError("batch, threads and repeats must be positive")
-    config = preset_config(preset) if isinstance(preset, str) else preset
+    config = get_preset(preset) if isinstance(preset, str) else preset
     if any(b % config.tokens_per_iteration or not 0 < b <= config.max_tokens for b in budgets):
         raise ValueError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
     preset = preset if isinstance(preset, str) else "custom"
@@ -283,8 +268,9 @@ def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=SIZES, default="default",
-                        help="alit_small (the authors' size) or default (the embedded default model's architecture)")
+    parser.add_argument("--size", choices=list_presets(), default="default",
+                        help="an architecture preset (adaptive_tokenizer.presets): alit_small (the authors' size) or "
+                             "default (the embedded default model's architecture)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")

@@ -300,14 +300,11 @@ def _positive(config: Any, *names: str) -> None:
             raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
 
 
-# The architecture of the embedded default model (what `training/` trains): 128 px photos, an f8 VQGAN with 1024
-# codes (16x16 grid; 8 GroupNorm groups and shortcuts that read their input, not the authors' 32 / "branch"),
-# width-256 transformers with 4 + 4 layers, 32 tokens x 1..8 iterations, 4096 codes, cached
-# rollout, no dynamic halting (not trained with it).
-DEFAULT_BASE = VQGANConfig(ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=64,
-                           codebook_size=1024, codebook_dim=64, resolution=128, norm_groups=8, shortcut="input")
-DEFAULT_MODEL = ModelConfig(base=DEFAULT_BASE, image_size=128, patch_size=8, encoder_width=256, encoder_layers=4,
-                            encoder_heads=8, decoder_width=256, decoder_layers=4, decoder_heads=8, mlp_ratio=4.0,
-                            latent_kind="quantized", factorize_latent=True, token_dim=12, codebook_size=4096,
-                            tokens_per_iteration=32, max_iterations=8, decoder_max_latent_tokens=256,
-                            dynamic_halting=False, rollout="cached")
+def __getattr__(name: str) -> Any:
+    """``DEFAULT_BASE`` / ``DEFAULT_MODEL``, the default architecture, are defined in :mod:`.presets` (which imports
+    this module); they stay importable from here."""
+    if name in ("DEFAULT_BASE", "DEFAULT_MODEL"):
+        from . import presets
+
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

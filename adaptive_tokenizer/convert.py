@@ -3,7 +3,7 @@
 Every key of the checkpoint is either mapped onto a parameter of :class:`ALITModel`, or dropped because it is
 training-only (``gan_losses.*``: LPIPS networks and discriminators). Anything else, and any parameter left
 without a value, is an error that names the keys. Sizes are inferred from tensor shapes; the attention head
-counts cannot be, so they default to the authors' presets and can be given explicitly.
+counts cannot be, so they default to the authors' presets (``presets.AUTHORS_SIZES``) and can be given explicitly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .config import ModelConfig, VQGANConfig
 from .model import ALITModel
+from .presets import authors_heads
 
 TRAINING_ONLY_PREFIXES = ("gan_losses.",)
 
@@ -50,10 +51,6 @@ _KEY_RULES: list[tuple[str, str]] = [
     (r"decoder\.ln_(pre|post)\.(weight|bias)", r"decoder.norm_\1.\2"),
     (r"decoder\.ffn\.(0|2)\.(weight|bias)", r"decoder.head.\1.\2"),
 ]
-
-# Authors' presets (width, layers) -> heads: alit_tiny (512, 8), alit_small (1024, 8), alit_base (768, 12),
-# alit_semilarge (1024, 16).
-_PRESET_HEADS = {(512, 8): 8, (1024, 8): 8, (768, 12): 12, (1024, 16): 16}
 
 
 class ConversionError(ValueError):
@@ -125,8 +122,8 @@ def infer_config(state_dict: Mapping[str, Tensor], *, encoder_heads: int | None 
     def heads(given: int | None, width: int, depth: int, side: str) -> int:
         if given is not None:
             return given
-        if (width, depth) in _PRESET_HEADS:
-            return _PRESET_HEADS[(width, depth)]
+        if (preset := authors_heads(width, depth)) is not None:
+            return preset
         raise ConversionError(f"cannot infer the {side} head count from shapes (width {width}, {depth} layers "
                               f"matches no authors' preset); pass --{side}-heads")
 

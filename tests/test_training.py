@@ -329,7 +329,7 @@ def _layer0_attention(part, x: torch.Tensor) -> torch.Tensor:
 def test_local_init_routes_attention_by_position():
     """``--init-scheme local``: at step 0 an encoder latent attends around its own grid cell and a decoder grid
     query attends to the latent of its cell (random images; the base tokenizer is untrained here)."""
-    from adaptive_tokenizer.config import DEFAULT_MODEL
+    from adaptive_tokenizer.presets import DEFAULT_MODEL
 
     config, grid = DEFAULT_MODEL, DEFAULT_MODEL.grid_size
     cells = alit_init.latent_grid_positions(grid, config.tokens_per_iteration, config.max_iterations)

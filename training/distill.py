@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adaptive_tokenizer.codebook import nearest_code
-from adaptive_tokenizer.config import DEFAULT_MODEL, ModelConfig
+from adaptive_tokenizer.config import ModelConfig
 from adaptive_tokenizer.model import ALITModel
+from adaptive_tokenizer.presets import default_model
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, save_model_files
 
 from . import loop
@@ -57,12 +58,6 @@ from .stage3 import Adversary, base_decoder_terms, load_discriminator, pixel_ter
 from .vq import load_base
 
 ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)  # the authors' per-iteration loss weights
-
-
-def default_model_config(base_config) -> ModelConfig:
-    """The embedded default model: 128 px, 16x16 base grid, 32 tokens x 1..8 iterations, 4096 codes, cached."""
-    return DEFAULT_MODEL.replace(base=base_config, image_size=base_config.resolution,
-                                 patch_size=base_config.downsample_factor)
 
 
 class QuantizerTrainer:
@@ -334,7 +329,7 @@ def model_config(args: argparse.Namespace, base_config) -> ModelConfig:
     """``--config`` (its base replaced by the ``--base`` tokenizer's) or the default model's on that base."""
     if args.config:
         return ModelConfig.from_json(args.config).replace(base=base_config)
-    return default_model_config(base_config)
+    return default_model(base_config)
 
 
 def make_optimizer(model: ALITModel, args: argparse.Namespace) -> tuple[list[Tensor], torch.optim.Optimizer]:

@@ -22,7 +22,6 @@ Output (``--out``): ``checkpoint.pt`` (resumable: model, optimizer, EMA codebook
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -32,8 +31,9 @@ from torch import Tensor
 
 from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.codebook import nearest_code
-from adaptive_tokenizer.config import DEFAULT_BASE, VQGANConfig
+from adaptive_tokenizer.config import VQGANConfig
 from adaptive_tokenizer.io_utils import write_atomic
+from adaptive_tokenizer.presets import DEFAULT_BASE
 
 from . import loop
 from .common import add_common_args, atomic_write_text, autocast, make_scaler, optimizer_step
@@ -42,11 +42,6 @@ from .losses import reconstruction_loss
 
 BASE_CONFIG = "base_config.json"
 BASE_WEIGHTS = "base.safetensors"
-
-
-def default_vq_config(resolution: int = 128) -> VQGANConfig:
-    """The default model's base tokenizer: ~3.1M parameters, 8x downsampling, 1024 codes of 64 dims."""
-    return dataclasses.replace(DEFAULT_BASE, resolution=resolution)
 
 
 class EMACodebook:
@@ -177,22 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     parser.add_argument("--init", default=None, help="start from this base (stage-1 export or ALIT model folder) "
                                                       "when OUT has no checkpoint; its sizes must match the flags")
-    parser.add_argument("--resolution", type=int, default=128, help="model input size (inference resolution)")
+    parser.add_argument("--resolution", type=int, default=DEFAULT_BASE.resolution,
+                        help="model input size (inference resolution)")
     parser.add_argument("--size", type=int, default=None,
                         help="training crop size at the inference pixel scale (default: --resolution)")
     parser.add_argument("--full-size-frac", type=float, default=0.2,
                         help="last fraction of training on full --resolution crops (batch scaled by pixel count)")
-    parser.add_argument("--ch", type=int, default=32)
-    parser.add_argument("--ch-mult", default="1,1,2,4")
-    parser.add_argument("--num-res-blocks", type=int, default=2)
+    # architecture flags: the default model's base tokenizer (presets.DEFAULT_BASE) unless given
+    parser.add_argument("--ch", type=int, default=DEFAULT_BASE.ch)
+    parser.add_argument("--ch-mult", default=",".join(map(str, DEFAULT_BASE.ch_mult)))
+    parser.add_argument("--num-res-blocks", type=int, default=DEFAULT_BASE.num_res_blocks)
     parser.add_argument("--norm-groups", type=int, default=DEFAULT_BASE.norm_groups,
                         help="GroupNorm groups (default: the default model's; the authors' 32 makes one channel "
                              "per group at --ch 32)")
     parser.add_argument("--shortcut", choices=("branch", "input"), default=DEFAULT_BASE.shortcut,
                         help="1x1 shortcut of channel-changing residual blocks applied to the block input (default: "
                              "the default model's) or to the branch output (the authors')")
-    parser.add_argument("--codebook-dim", type=int, default=64)
-    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--codebook-dim", type=int, default=DEFAULT_BASE.codebook_dim)
+    parser.add_argument("--codebook-size", type=int, default=DEFAULT_BASE.codebook_size)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - MS-SSIM)")
     parser.add_argument("--commit-weight", type=float, default=0.25)
     parser.add_argument("--ema-decay", type=float, default=0.99)
