@@ -1,10 +1,6 @@
 """Command line: ``adaptive-tokenizer {convert,encode,tokenize,decode,reconstruct,evaluate,info,models,push,bench}``.
 
-Token files are safetensors holding ``tokens`` (every image's sequence concatenated along dim 0: int64 ``[sum L]``
-for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens`` (int64 ``[N]``) and, when a
-halt threshold was used, ``errors`` (float32 ``[N]``, the measured error of each chosen length; rules ``exact`` and
-``search``) or ``predicted_errors`` (the length predictor's estimate; rule ``predicted``). Their metadata holds ``format``, ``latent_kind`` and
-``sources`` (a JSON list of the image paths). :func:`save_token_file` / :func:`load_token_file` read and write them.
+``encode`` writes and ``decode`` reads token files (format: :mod:`adaptive_tokenizer.serialization`).
 
 User errors (bad arguments, missing files, bad token files, anything the library rejects with ValueError,
 FileNotFoundError or TypeError) print one line ``adaptive-tokenizer: error: ...`` and exit with status 2.
@@ -25,9 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
-from torch import Tensor
 from tqdm import tqdm
 
 from .bench import add_arguments as add_bench_arguments
@@ -38,10 +31,10 @@ from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manif
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
 from .io_utils import png_bytes, refuse_inputs_as_outputs, staged_directory, write_atomic
 from .length_rules import LENGTH_RULES
+from .serialization import load_token_file, save_token_file
 from .tokenizer import AdaptiveTokenizer, EncodeResult
 
 PROG = "adaptive-tokenizer"
-TOKEN_FORMAT = "adaptive-tokenizer-tokens/1"
 USER_ERROR = 2
 
 
@@ -54,75 +47,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-# ---- token files ---------------------------------------------------------------------------------------------
-def save_token_file(path: str | os.PathLike, result: EncodeResult, sources: Sequence[str], latent_kind: str) -> None:
-    """Write ``result`` as a token file, atomically: the file appears complete or not at all."""
-    dims = {"quantized": 1, "continuous": 2}.get(latent_kind)
-    if dims is None or not len(result) or any(t.dim() != dims for t in result.tokens):
-        raise ValueError(f"save_token_file needs at least one {latent_kind} token sequence of {dims} dims "
-                         "(latent_kind is 'quantized' or 'continuous')")
-    if len(sources) != len(result):
-        raise ValueError(f"{len(sources)} sources for {len(result)} token sequences")
-    dtype = torch.int64 if latent_kind == "quantized" else torch.float32
-    tensors = {"tokens": torch.cat([t.to(dtype) for t in result.tokens]).contiguous(),
-               "num_tokens": result.num_tokens.to(torch.int64).contiguous()}
-    if result.errors is not None:
-        tensors["errors"] = result.errors.to(torch.float32).contiguous()
-    if result.predicted_errors is not None:
-        tensors["predicted_errors"] = result.predicted_errors.to(torch.float32).contiguous()
-    metadata = {"format": TOKEN_FORMAT, "latent_kind": latent_kind, "sources": json.dumps([str(s) for s in sources])}
-    write_atomic(path, save(tensors, metadata=metadata), parents=True)
-
-
-def load_token_file(path: str | os.PathLike) -> tuple[list[Tensor], list[str]]:
-    """Read a token file: ``(per-image token tensors, source paths)``; ValueError names what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file not found: {path}")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read {path} as a safetensors token file: {err}") from None
-    if metadata.get("format") != TOKEN_FORMAT:
-        raise ValueError(f"{path} is not a token file: metadata format is {metadata.get('format')!r}, "
-                         f"expected {TOKEN_FORMAT!r}")
-    return _split_tokens(str(path), tensors, metadata)
-
-
-def _split_tokens(where: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[list[Tensor], list[str]]:
-    """Check the token file's tensors against each other and its metadata; split ``tokens`` per image."""
-    missing = sorted({"tokens", "num_tokens"} - set(tensors))
-    if missing:
-        raise ValueError(f"{where} lacks tensors {missing}")
-    tokens, num_tokens = tensors["tokens"], tensors["num_tokens"]
-    if num_tokens.numel() == 0:
-        raise ValueError(f"{where} holds no images")
-    kind = metadata.get("latent_kind")
-    expected_dims = {"quantized": 1, "continuous": 2}.get(kind)  # type: ignore[arg-type]
-    if expected_dims is None:
-        raise ValueError(f"{where}: latent_kind metadata is {kind!r}, expected 'quantized' or 'continuous'")
-    if tokens.dim() != expected_dims:
-        raise ValueError(f"{where}: {kind} tokens must have {expected_dims} dims, got shape {tuple(tokens.shape)}")
-    if num_tokens.dim() != 1 or num_tokens.dtype != torch.int64:
-        raise ValueError(f"{where}: num_tokens must be a 1-D int64 tensor of lengths, got shape "
-                         f"{tuple(num_tokens.shape)} dtype {num_tokens.dtype}")
-    if (num_tokens < 0).any():
-        first = int((num_tokens < 0).nonzero()[0])
-        raise ValueError(f"{where}: num_tokens must be non-negative lengths, got {int(num_tokens[first])} for "
-                         f"image {first}")
-    if int(num_tokens.sum()) != tokens.shape[0]:
-        raise ValueError(f"{where}: num_tokens sums to {int(num_tokens.sum())} but tokens holds {tokens.shape[0]}")
-    try:
-        sources = json.loads(metadata.get("sources", ""))
-    except json.JSONDecodeError:
-        sources = None
-    if not isinstance(sources, list) or len(sources) != len(num_tokens) or not all(isinstance(s, str) for s in sources):
-        raise ValueError(f"{where}: sources metadata must be a JSON list of {len(num_tokens)} paths")
-    return list(torch.split(tokens, num_tokens.tolist())), sources
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, VQGANConfig
-from .model import ALITModel
 from .presets import authors_heads
+from .serialization import expected_shapes, save_model_files
 
 TRAINING_ONLY_PREFIXES = ("gan_losses.",)
 
@@ -149,7 +149,7 @@ def infer_config(state_dict: Mapping[str, Tensor], *, encoder_heads: int | None 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Rename and reshape the authors' tensors into our state dict; strict in both directions."""
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     converted: dict[str, Tensor] = {}
     unmapped = []
     for key, tensor in state_dict.items():
@@ -171,18 +171,10 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig) ->
     return converted
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = ALITModel(config)
-    return {key: value.shape for key, value in model.state_dict().items()}
-
-
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                        encoder_heads: int | None = None, decoder_heads: int | None = None,
                        dynamic_halting: bool = True, dynamic_halting_threshold: float = 0.55) -> ModelConfig:
     """Convert an authors' ``.pth`` into ``out_dir/config.json`` + ``out_dir/model.safetensors``."""
-    from .tokenizer import save_model_files
-
     state_dict = load_authors_checkpoint(checkpoint)
     config = infer_config(state_dict, encoder_heads=encoder_heads, decoder_heads=decoder_heads,
                           dynamic_halting=dynamic_halting, dynamic_halting_threshold=dynamic_halting_threshold)

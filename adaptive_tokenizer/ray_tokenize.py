@@ -24,7 +24,8 @@ from .config import ModelConfig
 from .dataset_source import DatasetSource
 from .model import ALITModel
 from .tokenize_dataset import ShardAssembler, ShardPlan, decode_image, read_pixels
-from .tokenizer import AdaptiveTokenizer, check_weights
+from .serialization import check_weights
+from .tokenizer import AdaptiveTokenizer
 
 try:
     import ray

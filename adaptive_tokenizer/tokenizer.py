@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .config import ModelConfig
-from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
+from .hub import CARD_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, load_images
 from .io_utils import write_atomic
 from .model import ALITModel
 from .length_rules import LENGTH_RULES, LengthRule, choose_length, missing_predictor_message, predict_errors
 from .rollout import IterationRecord, rollout
+from .serialization import load_model_files, save_model_files
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -384,50 +382,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if dtype not in allowed:
         raise ValueError(f"dtype {dtype} is not supported on {device.type}; use one of {[str(d) for d in allowed]}")
     return dtype
-
-
-def load_model_files(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Read ``config.json`` and ``model.safetensors`` from ``directory`` (no pickle involved)."""
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} has no {name}; a model directory holds {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}")
-    config = ModelConfig.from_json(directory / CONFIG_NAME)
-    try:
-        weights = load_file(directory / WEIGHTS_NAME)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read {directory / WEIGHTS_NAME} as safetensors: {err}") from None
-    check_weights(config, weights, str(directory / WEIGHTS_NAME))
-    return config, {k: v.float() for k, v in weights.items()}
-
-
-def check_weights(config: ModelConfig, weights: dict[str, Tensor], source: str) -> None:
-    """Raise ValueError naming every missing, unexpected, mis-shaped or non-finite tensor."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in ALITModel(config).state_dict().items()}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(f"{k}: {tuple(weights[k].shape)} != {tuple(s)}" for k, s in expected.items()
-                   if k in weights and weights[k].shape != s)
-    not_finite = sorted(k for k, v in weights.items()
-                        if k in expected and v.is_floating_point() and not torch.isfinite(v).all())
-    problems = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
-                f"wrong shapes {wrong}" if wrong else "", f"NaN or infinite values in {not_finite}" if not_finite else ""]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ValueError(f"{source} does not match its config: " + "; ".join(problems))
-
-
-def save_model_files(directory: str | os.PathLike, config: ModelConfig, weights: dict[str, Tensor]) -> None:
-    """Write ``config.json`` + ``model.safetensors``; each file appears complete or not at all."""
-    check_weights(config, weights, "weights to save")
-    directory = Path(directory)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    contents = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
-                CONFIG_NAME: config.to_json_string().encode()}
-    for name, data in contents.items():
-        write_atomic(directory / name, data, parents=True)
 
 
 def check_halt_threshold(value: object) -> float:

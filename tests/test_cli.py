@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from adaptive_tokenizer import AdaptiveTokenizer, ModelConfig
-from adaptive_tokenizer import cli
-from adaptive_tokenizer.cli import TOKEN_FORMAT, load_token_file, main, output_names, save_token_file
+from adaptive_tokenizer.cli import main, output_names
+from adaptive_tokenizer.serialization import TOKEN_FORMAT, load_token_file, save_token_file
 from adaptive_tokenizer.tokenizer import EncodeResult
 
 from .tolerances import decode_atol
@@ -144,43 +144,6 @@ def test_encode_summary_and_sources_as_given(capsys, model_dirs, image_dir, tmp_
     assert out.strip() == f"encoded 4 images: mean 32.0 tokens (min 32, max 32) -> {out_path}"
     assert load_token_file(out_path)[1] == ["img1.jpg", "img0.png", "img1.jpg", "img2.png"]
     assert os.listdir(out_path.parent) == ["t.safetensors"]  # no temporary file left
-
-
-def test_save_token_file_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "t.safetensors"
-    path.write_bytes(b"previous")
-    result = EncodeResult([torch.zeros(32, dtype=torch.long)], torch.tensor([32]))
-
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(cli, "save", fail)
-    with pytest.raises(OSError, match="disk full"):
-        save_token_file(path, result, ["x.png"], "quantized")
-    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["t.safetensors"]
-
-
-@pytest.mark.parametrize("tensors, metadata, message", [
-    ({"tokens": torch.zeros(64, dtype=torch.long), "num_tokens": torch.tensor([32])}, None, "sums to 32"),
-    ({"tokens": torch.zeros(32, dtype=torch.long)}, None, "lacks tensors ['num_tokens']"),
-    ({"tokens": torch.zeros(32, 12), "num_tokens": torch.tensor([32])}, None, "must have 1 dims"),
-    ({"tokens": torch.zeros(32, dtype=torch.long), "num_tokens": torch.tensor([32.0])}, None, "int64"),
-    ({"tokens": torch.zeros(32, dtype=torch.long), "num_tokens": torch.tensor([32])}, {"sources": "[]"}, "sources"),
-    ({"tokens": torch.zeros(32, dtype=torch.long), "num_tokens": torch.tensor([32])}, {"format": "x/1"}, "not a token"),
-])
-def test_load_token_file_rejects(tmp_path, tensors, metadata, message):
-    meta = {"format": TOKEN_FORMAT, "latent_kind": "quantized", "sources": '["a.png"]', **(metadata or {})}
-    save_file(tensors, tmp_path / "t.safetensors", metadata=meta)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        load_token_file(tmp_path / "t.safetensors")
-
-
-def test_token_file_round_trip_continuous(tmp_path):
-    tokens = [torch.randn(32, 12), torch.randn(96, 12)]
-    result = EncodeResult(tokens, torch.tensor([32, 96]), torch.tensor([0.1, 0.2]))
-    save_token_file(tmp_path / "t.safetensors", result, ["a/x.png", "y.jpg"], "continuous")
-    loaded, sources = load_token_file(tmp_path / "t.safetensors")
-    assert sources == ["a/x.png", "y.jpg"] and all(torch.equal(a, b) for a, b in zip(loaded, tokens))
 
 
 # ---- decode --------------------------------------------------------------------------------------------------
@@ -334,14 +297,6 @@ def test_output_that_is_an_input_is_refused(capsys, model_dirs, image_dir, tmp_p
     code, _, err = run(capsys, command, "--model", model_dirs["A"], image, "-o", image)
     assert_user_error(code, err, "is also an input")
     assert image.read_bytes() == before
-
-
-def test_negative_num_tokens_is_named(tmp_path):
-    save_file({"tokens": torch.zeros(32, dtype=torch.long), "num_tokens": torch.tensor([64, -32])},
-              tmp_path / "t.safetensors", metadata={"format": TOKEN_FORMAT, "latent_kind": "quantized",
-                                                    "sources": json.dumps(["a.png", "b.png"])})
-    with pytest.raises(ValueError, match="non-negative lengths, got -32 for image 1"):
-        load_token_file(tmp_path / "t.safetensors")
 
 
 # A full disk, for real: the subprocess may write files of at most FILE_LIMIT bytes (RLIMIT_FSIZE; a write past it

@@ -26,8 +26,9 @@ from PIL import Image
 from safetensors.torch import save
 
 from adaptive_tokenizer import AdaptiveTokenizer, EncodeResult
-from adaptive_tokenizer.cli import TOKEN_FORMAT, main
+from adaptive_tokenizer.cli import main
 from adaptive_tokenizer.image_io import IMAGE_SUFFIXES
+from adaptive_tokenizer.serialization import TOKEN_FORMAT
 
 from .test_rollout import small_model
 

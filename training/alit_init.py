@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_tokenizer.model import ALITModel
-from adaptive_tokenizer.tokenizer import load_model_files
+from adaptive_tokenizer.serialization import load_model_files
 
 from .loop import IncompatibleRun
 

@@ -44,7 +44,8 @@ from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import ModelConfig
 from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.presets import default_model
-from adaptive_tokenizer.tokenizer import AdaptiveTokenizer, save_model_files
+from adaptive_tokenizer.serialization import save_model_files
+from adaptive_tokenizer.tokenizer import AdaptiveTokenizer
 
 from . import loop
 from .alit_init import INIT_SCHEMES, init_alit_weights, start_from

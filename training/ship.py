@@ -25,7 +25,7 @@ from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.hub import CARD_NAME, CONFIG_NAME, MANIFEST_PATH, WEIGHTS_NAME, ModelInfo, file_entry, \
     render_model_card
 from adaptive_tokenizer.io_utils import write_atomic
-from adaptive_tokenizer.tokenizer import save_model_files
+from adaptive_tokenizer.serialization import save_model_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_MEGABYTES = 25.0

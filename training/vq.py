@@ -34,6 +34,7 @@ from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import VQGANConfig
 from adaptive_tokenizer.io_utils import write_atomic
 from adaptive_tokenizer.presets import DEFAULT_BASE
+from adaptive_tokenizer.serialization import load_model_files
 
 from . import loop
 from .common import add_common_args, atomic_write_text, autocast, make_scaler, optimizer_step
@@ -157,8 +158,6 @@ def load_base(directory: str | Path) -> VQGAN:
         config = VQGANConfig.from_json(directory / BASE_CONFIG)
         weights = load_file(directory / BASE_WEIGHTS)
     else:
-        from adaptive_tokenizer.tokenizer import load_model_files
-
         model_config, all_weights = load_model_files(directory)
         config = model_config.base
         weights = {k[len("base."):]: v for k, v in all_weights.items() if k.startswith("base.")}
