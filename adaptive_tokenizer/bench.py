@@ -30,6 +30,7 @@ from .config import ModelConfig
 from .model import ALITModel
 from .presets import get_preset, list_presets
 from .rollout import IterationRecord, rollout
+from .tokenizer import DTYPES
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> ALITModel:
@@ -144,7 +145,7 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
     preset = preset if isinstance(preset, str) else "custom"
     torch.set_num_threads(threads)
     device_ = torch.device(device)
-    dtype_ = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtype_ = DTYPES[dtype]
     recurrent = random_model(config.replace(rollout="recurrent")).to(device_, dtype_)
     cached = random_model(config.replace(rollout="cached")).to(device_, dtype_)
     ours = cached if config.rollout == "cached" else recurrent
@@ -274,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best is kept)")
     parser.add_argument("--target-tokens", type=int, default=128, help="mean adaptive length to calibrate for")
     parser.add_argument("--budgets", default="32,64,128,256")

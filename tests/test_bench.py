@@ -36,6 +36,16 @@ def test_bench_cli_rejects_bad_budgets(capsys):
     assert "budgets" in capsys.readouterr().err
 
 
+def test_bench_cli_takes_the_preset_and_dtype_names_of_the_library(capsys):
+    """``--size``: a name of ``presets.list_presets()``; ``--dtype``: any name ``from_pretrained`` takes."""
+    assert main(["bench", "--size", "alit_huge"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'alit_huge'" in err and all(name in err for name in ("alit_small", "default"))
+    assert main(["bench", "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'int8'" in err and all(name in err for name in ("float32", "bf16", "fp16"))
+
+
 def test_rules_benchmark_times_every_rule_side_by_side():
     """``bench --rules``: the authors' algorithm, the exact, search and predicted rules and a fixed budget in one
     run, with the ratios of images/s and whether the search found the exact rule's lengths."""
