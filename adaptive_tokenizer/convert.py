@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -22,35 +22,45 @@ from .serialization import expected_shapes, save_model_files
 
 TRAINING_ONLY_PREFIXES = ("gan_losses.",)
 
-# (authors' key regex, our key template); applied in order, first match wins.
-_KEY_RULES: list[tuple[str, str]] = [
+# Transformer blocks (encoder and decoder alike): the authors' sublayer prefix -> ours.
+_BLOCK_SUBLAYERS = {"ln_1.": "norm1.", "ln_2.": "norm2.", "attn.in_proj_": "attn.qkv.", "attn.out_proj.": "attn.proj.",
+                    "mlp.c_fc.": "mlp.fc.", "mlp.c_proj.": "mlp.proj."}
+_SUBLAYER = "|".join(map(re.escape, _BLOCK_SUBLAYERS))
+
+
+def _block_key(match: re.Match[str]) -> str:
+    side, block, sublayer, tensor = match.groups()
+    return f"{side}.transformer.blocks.{block}.{_BLOCK_SUBLAYERS[sublayer]}{tensor}"
+
+
+# (authors' key regex, our key template or a function of the match), grouped by the part of ALITModel they fill;
+# applied in order, first match wins.
+_KeyRule = tuple[str, str | Callable[[re.Match[str]], str]]
+_BASE_RULES: list[_KeyRule] = [  # the VQGAN keeps its layout, but for its codebook and 1x1 shortcut convs
     (r"base_tokenizer\.vqgan\.quantize\.embedding\.weight", "base.codebook"),
     (r"base_tokenizer\.vqgan\.(encoder|decoder)\.(.*)\.nin_shortcut\.weight", r"base.\1.\2.shortcut.weight"),
     (r"base_tokenizer\.vqgan\.(encoder|decoder)\.(.*)", r"base.\1.\2"),
-    (r"(encoder|decoder)\.transformer\.(\d+)\.ln_1\.(weight|bias)", r"\1.transformer.blocks.\2.norm1.\3"),
-    (r"(encoder|decoder)\.transformer\.(\d+)\.ln_2\.(weight|bias)", r"\1.transformer.blocks.\2.norm2.\3"),
-    (r"(encoder|decoder)\.transformer\.(\d+)\.attn\.in_proj_(weight|bias)", r"\1.transformer.blocks.\2.attn.qkv.\3"),
-    (r"(encoder|decoder)\.transformer\.(\d+)\.attn\.out_proj\.(weight|bias)", r"\1.transformer.blocks.\2.attn.proj.\3"),
-    (r"(encoder|decoder)\.transformer\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"\1.transformer.blocks.\2.mlp.fc.\3"),
-    (r"(encoder|decoder)\.transformer\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"\1.transformer.blocks.\2.mlp.proj.\3"),
+]
+_TRANSFORMER_RULES: list[_KeyRule] = [  # what encoder and decoder share: blocks, "<side>_<name>" -> "<side>.<name>"
+    (rf"(encoder|decoder)\.transformer\.(\d+)\.({_SUBLAYER})(weight|bias)", _block_key),
+    (r"(encoder|decoder)_(class_embedding|positional_embedding|mask_token)", r"\1.\2"),
+]
+_ENCODER_RULES: list[_KeyRule] = [
     (r"patch_embed\.(weight|bias)", r"encoder.patch_embed.\1"),
-    (r"encoder_class_embedding", "encoder.class_embedding"),
-    (r"encoder_positional_embedding", "encoder.positional_embedding"),
-    (r"encoder_mask_token", "encoder.mask_token"),
     (r"latent_tokens", "encoder.latent_tokens"),
     (r"latent_token_positional_embedding", "encoder.latent_positional_embedding"),
     (r"timestep_embedding", "encoder.iteration_embedding"),
     (r"encoder_ln_(pre|post|recursive)\.(weight|bias)", r"encoder.norm_\1.\2"),
     (r"pre_quantizer_mlp\.(weight|bias)", r"encoder.to_token.\1"),
-    (r"quantize\.embedding\.weight", "quantizer.codebook"),
-    (r"decoder_class_embedding", "decoder.class_embedding"),
-    (r"decoder_mask_token", "decoder.mask_token"),
-    (r"decoder_positional_embedding", "decoder.positional_embedding"),
+]
+_DECODER_RULES: list[_KeyRule] = [
     (r"decoder\.decoder_embed\.(weight|bias)", r"decoder.latent_embed.\1"),
     (r"decoder\.latent_token_positional_embedding", "decoder.latent_positional_embedding"),
     (r"decoder\.ln_(pre|post)\.(weight|bias)", r"decoder.norm_\1.\2"),
     (r"decoder\.ffn\.(0|2)\.(weight|bias)", r"decoder.head.\1.\2"),
 ]
+_KEY_RULES: list[_KeyRule] = [*_BASE_RULES, *_TRANSFORMER_RULES, *_ENCODER_RULES,
+                             (r"quantize\.embedding\.weight", "quantizer.codebook"), *_DECODER_RULES]
 
 
 class ConversionError(ValueError):

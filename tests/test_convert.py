@@ -54,6 +54,27 @@ def test_every_tensor_is_carried_over_and_training_keys_dropped(state_dict_a, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("authors, ours", [
+    ("base_tokenizer.vqgan.quantize.embedding.weight", "base.codebook"),
+    ("base_tokenizer.vqgan.encoder.down.1.block.0.nin_shortcut.weight", "base.encoder.down.1.block.0.shortcut.weight"),
+    ("base_tokenizer.vqgan.decoder.conv_out.bias", "base.decoder.conv_out.bias"),
+    ("encoder.transformer.3.ln_1.weight", "encoder.transformer.blocks.3.norm1.weight"),
+    ("decoder.transformer.0.ln_2.bias", "decoder.transformer.blocks.0.norm2.bias"),
+    ("encoder.transformer.11.attn.in_proj_weight", "encoder.transformer.blocks.11.attn.qkv.weight"),
+    ("decoder.transformer.2.attn.out_proj.bias", "decoder.transformer.blocks.2.attn.proj.bias"),
+    ("encoder.transformer.0.mlp.c_fc.weight", "encoder.transformer.blocks.0.mlp.fc.weight"),
+    ("decoder.transformer.7.mlp.c_proj.bias", "decoder.transformer.blocks.7.mlp.proj.bias"),
+    ("encoder_mask_token", "encoder.mask_token"), ("decoder_positional_embedding", "decoder.positional_embedding"),
+    ("latent_token_positional_embedding", "encoder.latent_positional_embedding"),
+    ("decoder.latent_token_positional_embedding", "decoder.latent_positional_embedding"),
+    ("timestep_embedding", "encoder.iteration_embedding"), ("encoder_ln_recursive.bias", "encoder.norm_recursive.bias"),
+    ("quantize.embedding.weight", "quantizer.codebook"), ("decoder.ffn.2.weight", "decoder.head.2.weight"),
+    ("encoder.transformer.1.ln_3.weight", None), ("decoder_ln_pre.weight", None), ("encoder.ln_pre.weight", None),
+])
+def test_map_key(authors, ours):
+    assert map_key(authors) == ours
+
+
 def test_unknown_and_missing_keys_are_named(state_dict_a):
     config = infer_config(state_dict_a, **TINY_HEADS)
     extra = dict(state_dict_a, **{"encoder.some_new_thing": torch.zeros(3)})
