@@ -255,7 +255,7 @@ def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, 
     """The ``fit-length-predictor`` command: measure ``paths`` (or load ``measurements``, a file this function
     wrote before for the same model and images), select and fit the head, write the model with it to
     ``out_dir`` (``save_pretrained``) and ``out_dir/fit_report.json``. Returns the report."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     names = [Path(p).name for p in paths]
     cache = Path(measurements) if measurements is not None else None
@@ -270,7 +270,7 @@ def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, 
                        halting_threshold=tok.config.dynamic_halting_threshold if tok.config.dynamic_halting else None,
                        progress=progress)
         if cache is not None:
-            save_file({"features": data.features, "errors": data.errors, "image": data.image}, str(cache))
+            write_atomic(cache, save({"features": data.features, "errors": data.errors, "image": data.image}))
     head, report = select_head(tok.model, data, names, val_fraction=val_fraction, seed=seed, steps=steps, log=log)
     from .tokenizer import AdaptiveTokenizer
     fitted = AdaptiveTokenizer(with_predictor(tok.model, head), info=tok.info)  # a new float32 CPU model
