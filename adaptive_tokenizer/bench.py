@@ -65,7 +65,7 @@ def reference_encode(model: ALITModel, pixels: torch.Tensor, threshold: float) -
     """
     records: list[IterationRecord] = []
     rollout(model, pixels, model.config.max_iterations,
-            halting_threshold=model.config.dynamic_halting_threshold if model.config.dynamic_halting else None,
+            halting_confidence=model.config.dynamic_halting_confidence if model.config.dynamic_halting else None,
             trace=records.append)
     errors = torch.stack([r.error.cpu() for r in records], dim=1)
     return reference_choice(errors.mean(dim=0), threshold), errors
@@ -175,7 +175,7 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
         m, _ = measure(f"fixed {budget}", lambda b=budget: rollout(ours, pixels, b // per), batch, device_, repeats)
         results.append(m)
     adaptive, out = measure("adaptive", lambda: rollout(ours, pixels, config.max_iterations,
-                                                         length_threshold=threshold),
+                                                         target_error=threshold),
                             batch, device_, repeats, f"threshold {threshold:.6f}")
     chosen = [int(n) for n in out.num_iterations]  # type: ignore[attr-defined]
     per_image = [reference_choice(row, threshold) + 1 for row in errors]
@@ -224,7 +224,7 @@ def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: 
     budgets = [per * (i + 1) for i in range(iterations)]
     _, errors = tok.reconstructions(pixels)
     exact_e = threshold_for_mean_length(errors, budgets, target_tokens)
-    halting = model.config.dynamic_halting_threshold if model.config.dynamic_halting else None
+    halting = model.config.dynamic_halting_confidence if model.config.dynamic_halting else None
     results: list[Measurement] = []
     reference, _ = measure("reference (authors' encode)", lambda: reference_encode(model, pixels, exact_e), batch,
                            device, repeats, "every length decoded, batch-level length")
@@ -238,7 +238,7 @@ def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: 
         rules.append(("predicted", threshold_for_mean_length(predicted * (1 + margin), budgets, target_tokens)))
     for rule, threshold in rules:
         m, outs[rule] = measure(rule, lambda r=rule, e=threshold: choose_length(model, pixels, iterations, e, r,
-                                                                                 halting_threshold=halting),
+                                                                                 halting_confidence=halting),
                                 batch, device, repeats, f"target {threshold:.4f}")
         m.note += f", mean {per * float(outs[rule].num_iterations.double().mean()):.1f} tokens"
         results.append(m)
@@ -246,7 +246,7 @@ def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: 
     mean_iterations = float(outs[basis].num_iterations.double().mean())
     fixed_budget = per * max(1, round(mean_iterations))
     fixed, _ = measure(f"fixed {fixed_budget}", lambda: rollout(model, pixels, fixed_budget // per,
-                                                                  halting_threshold=halting), batch, device, repeats)
+                                                                  halting_confidence=halting), batch, device, repeats)
     results.append(fixed)
     speed = {m.name: m.images_per_s for m in results}
     print_fn(f"{'what':<28} {'images/s':>10} {'vs reference':>13}  note")

@@ -130,10 +130,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with staged_directory(args.out_dir) as staging:  # config and weights appear together, or not at all
         config = convert_checkpoint(args.checkpoint, staging, encoder_heads=args.encoder_heads,
                                     decoder_heads=args.decoder_heads, dynamic_halting=not args.no_dynamic_halting,
-                                    dynamic_halting_threshold=args.halting_threshold)
+                                    dynamic_halting_confidence=args.halting_confidence)
     latent = (f"quantized ({config.codebook_size} codes, {config.token_dim}-d)" if config.quantized
               else f"continuous ({config.latent_dim}-d vectors)")
-    halting = f"on (p >= {config.dynamic_halting_threshold})" if config.dynamic_halting else "off"
+    halting = f"on (p >= {config.dynamic_halting_confidence})" if config.dynamic_halting else "off"
     print(f"converted {args.checkpoint} -> {args.out_dir}: {latent} latents, {config.image_size}px images, "
           f"encoder {config.encoder_width}x{config.encoder_layers}, decoder {config.decoder_width}x"
           f"{config.decoder_layers}, {config.tokens_per_iteration}-{config.max_tokens} tokens "
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-heads", type=int, metavar="N", help="encoder attention heads (default: from preset)")
     p.add_argument("--decoder-heads", type=int, metavar="N", help="decoder attention heads (default: from preset)")
     p.add_argument("--no-dynamic-halting", action="store_true", help="never mask confidently predicted 2D tokens")
-    p.add_argument("--halting-threshold", type=float, default=0.55, metavar="P",
+    p.add_argument("--halting-confidence", type=float, default=0.55, metavar="P",
                    help="dynamic halting probability threshold (default: 0.55)")
     p.set_defaults(func=cmd_convert)
 

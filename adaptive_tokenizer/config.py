@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from .io_utils import write_atomic
 
 CONFIG_FORMAT_VERSION = 1
+# ModelConfig fields under their earlier names (config.json files written before the rename): old -> new
+RENAMED_FIELDS = {"dynamic_halting_threshold": "dynamic_halting_confidence"}
 
 LatentKind = Literal["quantized", "continuous"]
 RolloutKind = Literal["recurrent", "cached"]
@@ -172,8 +174,10 @@ class ModelConfig(JSONConfig):
     ``encoder_width``-d when ``factorize_latent`` is False).
 
     ``dynamic_halting``: after each iteration, a 2D token whose base code the decoder already predicts with
-    probability ``>= dynamic_halting_threshold`` is halted for the following iterations: replaced by a mask token
-    (``rollout="recurrent"``) or removed from the keys the new latents attend to (``rollout="cached"``).
+    probability ``>= dynamic_halting_confidence`` is halted for the following iterations: replaced by a mask token
+    (``rollout="recurrent"``) or removed from the keys the new latents attend to (``rollout="cached"``). That is a
+    per-token probability inside the encoder; the per-image target error of ``encode(halt_threshold=E)`` is another
+    thing (``length_rules.py``). Files that call it ``dynamic_halting_threshold`` (its earlier name) still load.
 
     ``rollout``: ``"recurrent"`` (the authors': each iteration re-encodes the whole sequence) or ``"cached"``
     (block-causal: each iteration encodes only its new latent block against cached keys/values; the tokens of a
@@ -201,7 +205,7 @@ class ModelConfig(JSONConfig):
     max_iterations: int = 8
     decoder_max_latent_tokens: int = 256
     dynamic_halting: bool = True
-    dynamic_halting_threshold: float = 0.55
+    dynamic_halting_confidence: float = 0.55
     rollout: RolloutKind = "recurrent"
     length_predictor: LengthPredictorConfig | None = None
 
@@ -268,9 +272,9 @@ class ModelConfig(JSONConfig):
         if self.max_tokens > self.decoder_max_latent_tokens:
             raise ValueError(f"ModelConfig: max tokens ({self.max_tokens}) exceed decoder_max_latent_tokens "
                              f"({self.decoder_max_latent_tokens})")
-        if not 0.0 <= self.dynamic_halting_threshold <= 1.0:
-            raise ValueError("ModelConfig.dynamic_halting_threshold is a probability in [0, 1], got "
-                             f"{self.dynamic_halting_threshold}")
+        if not 0.0 <= self.dynamic_halting_confidence <= 1.0:
+            raise ValueError("ModelConfig.dynamic_halting_confidence is a probability in [0, 1], got "
+                             f"{self.dynamic_halting_confidence}")
         if self.length_predictor is not None:
             self.length_predictor.validate()
 
@@ -287,6 +291,9 @@ class ModelConfig(JSONConfig):
             if version != CONFIG_FORMAT_VERSION:
                 raise ValueError(f"config format_version {version} is not supported (this library reads "
                                  f"{CONFIG_FORMAT_VERSION}); upgrade adaptive-tokenizer")
+            for old, new in RENAMED_FIELDS.items():  # files written before a field was renamed still load
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
         return super().from_dict(data)
 
     def replace(self, **changes: Any) -> "ModelConfig":

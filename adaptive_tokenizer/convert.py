@@ -93,7 +93,7 @@ def load_authors_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def infer_config(state_dict: Mapping[str, Tensor], *, encoder_heads: int | None = None,
                  decoder_heads: int | None = None, dynamic_halting: bool = True,
-                 dynamic_halting_threshold: float = 0.55) -> ModelConfig:
+                 dynamic_halting_confidence: float = 0.55) -> ModelConfig:
     """Infer every size of the model from the authors' tensor shapes."""
     sd = state_dict
 
@@ -153,7 +153,7 @@ def infer_config(state_dict: Mapping[str, Tensor], *, encoder_heads: int | None 
         tokens_per_iteration=latent_tokens.shape[0],
         max_iterations=need("timestep_embedding").shape[0],
         decoder_max_latent_tokens=need("decoder.latent_token_positional_embedding").shape[0],
-        dynamic_halting=dynamic_halting, dynamic_halting_threshold=dynamic_halting_threshold,
+        dynamic_halting=dynamic_halting, dynamic_halting_confidence=dynamic_halting_confidence,
         rollout="recurrent")
 
 
@@ -183,11 +183,11 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig) ->
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                        encoder_heads: int | None = None, decoder_heads: int | None = None,
-                       dynamic_halting: bool = True, dynamic_halting_threshold: float = 0.55) -> ModelConfig:
+                       dynamic_halting: bool = True, dynamic_halting_confidence: float = 0.55) -> ModelConfig:
     """Convert an authors' ``.pth`` into ``out_dir/config.json`` + ``out_dir/model.safetensors``."""
     state_dict = load_authors_checkpoint(checkpoint)
     config = infer_config(state_dict, encoder_heads=encoder_heads, decoder_heads=decoder_heads,
-                          dynamic_halting=dynamic_halting, dynamic_halting_threshold=dynamic_halting_threshold)
+                          dynamic_halting=dynamic_halting, dynamic_halting_confidence=dynamic_halting_confidence)
     weights = convert_state_dict(state_dict, config)
     save_model_files(out_dir, config, weights)
     return config

@@ -79,10 +79,10 @@ def views(image: Image.Image, size: int, crops: int, rng: random.Random) -> list
 
 @torch.inference_mode()
 def measure_batch(model: ALITModel, pixels: Tensor, groups: tuple[str, ...] = PREDICTOR_FEATURES,
-                  halting_threshold: float | None = None) -> tuple[Tensor, Tensor]:
+                  halting_confidence: float | None = None) -> tuple[Tensor, Tensor]:
     """One rollout of ``pixels`` decoding every length: (features ``[n, F]``, errors ``[n, max_iterations]``)."""
     iterations = model.config.max_iterations
-    run = RolloutRun(model, pixels, iterations, halting_threshold=halting_threshold)
+    run = RolloutRun(model, pixels, iterations, halting_confidence=halting_confidence)
     errors = []
     for t in range(iterations):
         latents = run.encode_step()
@@ -90,14 +90,14 @@ def measure_batch(model: ALITModel, pixels: Tensor, groups: tuple[str, ...] = PR
             features = first_iteration_features(model, run, latents, groups).cpu()
         vectors, ids = run.tokens(latents)
         logits = run.decode(ids if ids is not None else vectors)
-        if halting_threshold is not None:
+        if halting_confidence is not None:
             run.halt(run.code_prob(logits))
         errors.append(pixel_error(model.reconstruct(logits).float(), run.pixels.float()).cpu())
     return features, torch.stack(errors, dim=1)
 
 
 def measure(model: ALITModel, paths: Sequence[str | Path], *, crops: int = 0, seed: int = 0,
-            halting_threshold: float | None = None, progress=None) -> Measurements:
+            halting_confidence: float | None = None, progress=None) -> Measurements:
     """Features and errors of every view of every image in ``paths`` (see the module docstring)."""
     rng = random.Random(seed)
     size = model.config.image_size
@@ -105,7 +105,7 @@ def measure(model: ALITModel, paths: Sequence[str | Path], *, crops: int = 0, se
     features, errors, image_index = [], [], []
     for index, path in enumerate(paths):
         batch = torch.stack(views(open_image(path), size, crops, rng)).to(device=device, dtype=dtype)
-        f, e = measure_batch(model, batch, halting_threshold=halting_threshold)
+        f, e = measure_batch(model, batch, halting_confidence=halting_confidence)
         features.append(f)
         errors.append(e)
         image_index.append(torch.full((len(batch),), index))
@@ -267,7 +267,7 @@ def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, 
                              f"{len(paths)} given; delete it or pass the same images")
     else:
         data = measure(tok.model, paths, crops=crops, seed=seed,
-                       halting_threshold=tok.config.dynamic_halting_threshold if tok.config.dynamic_halting else None,
+                       halting_confidence=tok.config.dynamic_halting_confidence if tok.config.dynamic_halting else None,
                        progress=progress)
         if cache is not None:
             write_atomic(cache, save({"features": data.features, "errors": data.errors, "image": data.image}))

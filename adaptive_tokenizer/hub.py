@@ -415,7 +415,7 @@ def render_model_card(config: ModelConfig, info: ModelInfo | None = None, *, loa
         front.insert(1, f"license: {info.license}")
     latent = (f"quantized: ids of {config.codebook_size} codes ({config.token_dim}-d)" if config.quantized
               else f"continuous: {config.latent_dim}-d float vectors")
-    halting = (f"on (p >= {config.dynamic_halting_threshold})" if config.dynamic_halting else "off")
+    halting = (f"on (p >= {config.dynamic_halting_confidence})" if config.dynamic_halting else "off")
     length_rule = "fewest tokens whose mean absolute pixel error is <= `halt_threshold`"
     length_rule += ("; length predictor included (`length_rule=\"predicted\"`)" if config.length_predictor
                     else "; no length predictor")

@@ -6,7 +6,7 @@ no length up to the budget brings to ``E`` gets the length with the lowest error
 find it:
 
 * ``"exact"``: decode every length from the shortest up until one meets ``E`` (the authors' algorithm, per
-  image; :func:`~adaptive_tokenizer.rollout.rollout` with ``length_threshold``). Always the fewest tokens.
+  image; :func:`~adaptive_tokenizer.rollout.rollout` with ``target_error``). Always the fewest tokens.
 * ``"search"``: run the encoder, then decode only where the answer can be: start at the length the model's length
   predictor expects (bisection when it has none) and step until a length meets ``E`` while the next shorter one
   does not; when not even the longest length meets ``E``, walk down from it to the lowest error
@@ -40,10 +40,10 @@ LENGTH_RULES: tuple[str, ...] = ("exact", "search", "predicted")
 
 def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
     """The length rule on a table: errors ``[N, I]``, thresholds ``[T]`` -> chosen iteration index ``[T, N]``
-    (0-based): the first with error ``<=`` threshold, else the lowest-error one (first on ties).
+    (0-based): the first with error ``<=`` its target, else the lowest-error one (first on ties).
 
     The comparison is made in the errors' dtype (float32, as the rollout's), as the rollout compares its float32
-    errors with a Python float threshold: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
+    errors with a Python float target: ``0.3 <= 0.3`` holds even though float32(0.3) > 0.3 in float64.
     """
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(errors.dtype)
     meets = errors[None] <= thresholds[:, None, None]  # [T, N, I]
@@ -58,17 +58,17 @@ def first_argmin(errors: Tensor) -> Tensor:
     return (errors == low).to(torch.uint8).argmax(dim=1)
 
 
-def choose_length(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, rule: str, *,
-                  halting_threshold: float | None = None) -> RolloutOutput:
-    """Tokens of ``pixels`` ``[N, 3, R, R]`` with each image's length chosen by ``rule`` for target ``threshold``
+def choose_length(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, rule: str, *,
+                  halting_confidence: float | None = None) -> RolloutOutput:
+    """Tokens of ``pixels`` ``[N, 3, R, R]`` with each image's length chosen by ``rule`` for ``target_error``
     (see the module docstring). Call under ``torch.inference_mode()``."""
     if rule == "exact":
-        return rollout(model, pixels, num_iterations, halting_threshold=halting_threshold,
-                       length_threshold=threshold)
+        return rollout(model, pixels, num_iterations, halting_confidence=halting_confidence,
+                       target_error=target_error)
     if rule == "predicted":
-        return predicted_rollout(model, pixels, num_iterations, threshold, halting_threshold=halting_threshold)
+        return predicted_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
     if rule == "search":
-        return search_rollout(model, pixels, num_iterations, threshold, halting_threshold=halting_threshold)
+        return search_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
     raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
 
 
@@ -89,10 +89,10 @@ def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_it
     return predicted
 
 
-def predicted_choice(predicted: Tensor, threshold: float, margin: float) -> Tensor:
+def predicted_choice(predicted: Tensor, target_error: float, margin: float) -> Tensor:
     """The predicted rule's iteration indices ``[N]``: the exact rule on the estimates ``[N, I]`` times
     ``1 + margin`` (the predictor's safety margin)."""
-    return choose_iterations(predicted * (1 + margin), [threshold])[0]
+    return choose_iterations(predicted * (1 + margin), [target_error])[0]
 
 
 def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
@@ -103,23 +103,23 @@ def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
     return _predicted_errors(model, run, run.encode_step(), model.config.max_iterations).float()
 
 
-def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, *,
-                      halting_threshold: float | None = None) -> RolloutOutput:
+def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
+                      halting_confidence: float | None = None) -> RolloutOutput:
     """The ``"predicted"`` rule: lengths from the predictor, then exactly those iterations, no pixel decode."""
     if model.length_predictor is None:
         raise ValueError(missing_predictor_message())
     batch = pixels.shape[0]
-    run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold)
+    run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     latents = run.encode_step()
     predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
-    stop = predicted_choice(predicted, threshold, model.length_predictor.margin)  # [N] 0-based, per image
+    stop = predicted_choice(predicted, target_error, model.length_predictor.margin)  # [N] 0-based, per image
     tokens: list[Tensor | None] = [None] * batch
     for t in range(num_iterations):
         if t > 0:
             latents = run.encode_step()
         finishing = stop[run.active.cpu()] == t
         finishing_rows = finishing.nonzero()[:, 0]
-        if halting_threshold is not None and not bool(finishing.all()):  # the others go on: halt them
+        if halting_confidence is not None and not bool(finishing.all()):  # the others go on: halt them
             vectors, ids = run.tokens(latents)
             step_tokens = ids if ids is not None else vectors
             run.halt(run.code_prob(run.decode(step_tokens)))
@@ -152,10 +152,10 @@ class LengthSearch:
 
     patience = 2
 
-    def __init__(self, start: int, num_iterations: int, threshold: float, bisect: bool):
-        # compared in float32, as the exact rule compares its float32 errors with the threshold
-        threshold = float(torch.tensor(threshold, dtype=torch.float32))
-        self.num_iterations, self.threshold, self.bisect = num_iterations, threshold, bisect
+    def __init__(self, start: int, num_iterations: int, target_error: float, bisect: bool):
+        # compared in float32, as the exact rule compares its float32 errors with the target
+        target_error = float(torch.tensor(target_error, dtype=torch.float32))
+        self.num_iterations, self.target_error, self.bisect = num_iterations, target_error, bisect
         self.errors: dict[int, float] = {}
         self.start = start
 
@@ -163,7 +163,7 @@ class LengthSearch:
         """The iteration indices to decode next (empty when the length is decided)."""
         if not self.errors:
             return [self.start]
-        passes = [t for t, e in self.errors.items() if e <= self.threshold]
+        passes = [t for t, e in self.errors.items() if e <= self.target_error]
         if passes:
             return self._first_pass_probes(min(passes))
         top, last = max(self.errors), self.num_iterations - 1
@@ -197,25 +197,25 @@ class LengthSearch:
 
     def chosen(self) -> int:
         """The decided iteration index: the first length meeting the target, else the (first) lowest-error one."""
-        passes = [t for t, e in self.errors.items() if e <= self.threshold]
+        passes = [t for t, e in self.errors.items() if e <= self.target_error]
         if passes:
             return min(passes)
         return min(self.errors, key=lambda t: (self.errors[t], t))
 
 
-def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, threshold: float, *,
-                   halting_threshold: float | None = None) -> RolloutOutput:
+def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
+                   halting_confidence: float | None = None) -> RolloutOutput:
     """The ``"search"`` rule: encode, then decode only the lengths needed to find where the error crosses the
     target, starting from the predictor's length (bisection without a predictor)."""
     batch = pixels.shape[0]
-    run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold)
+    run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     latents = run.encode_step()
     if model.length_predictor is not None:
         predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
-        starts = predicted_choice(predicted, threshold, model.length_predictor.margin).tolist()
+        starts = predicted_choice(predicted, target_error, model.length_predictor.margin).tolist()
     else:
         starts = [(num_iterations - 1) // 2] * batch
-    searches = [LengthSearch(s, num_iterations, threshold, bisect=model.length_predictor is None) for s in starts]
+    searches = [LengthSearch(s, num_iterations, target_error, bisect=model.length_predictor is None) for s in starts]
     step_tokens: list[Tensor] = []  # per iteration: tokens [N, L_t] of every image
 
     def encode_through(iteration: int) -> None:
@@ -225,7 +225,7 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, thresh
                 latents = run.encode_step()
             vectors, ids = run.tokens(latents)
             step_tokens.append(ids if ids is not None else vectors)
-            if halting_threshold is not None and run.iteration < num_iterations:
+            if halting_confidence is not None and run.iteration < num_iterations:
                 run.halt(run.code_prob(run.decode(step_tokens[-1])))
 
     while True:

@@ -9,10 +9,10 @@ the model's ``rollout``:
   earlier position (iteration 0 encodes ``[class, 2D tokens, block 0]``).
 
 Between iterations, dynamic halting (when a threshold is given) halts the 2D tokens whose ground-truth base code
-the decoder already predicts with probability ``>= halting_threshold``: the recurrent rollout replaces them by
+the decoder already predicts with probability ``>= halting_confidence``: the recurrent rollout replaces them by
 mask tokens, the cached rollout removes them from the keys of all later blocks.
 
-With ``length_threshold`` (the exact length rule) each image stops at the first iteration whose reconstruction's
+With ``target_error`` (the exact length rule) each image stops at the first iteration whose reconstruction's
 mean absolute pixel error ([0, 1] units) is ``<=`` the threshold; an image that never meets it gets the iteration
 with the lowest error (the first one on ties). Images that stop leave the batch, so they cost nothing more. Each
 image is decided on its own: results do not depend on what else is in the batch. The cheaper rules (a
@@ -134,14 +134,14 @@ class RolloutRun:
     (``length_rules.py``)."""
 
     def __init__(self, model: ALITModel, pixels: Tensor, num_iterations: int, *,
-                 halting_threshold: float | None = None, need_code_ids: bool = False):
+                 halting_confidence: float | None = None, need_code_ids: bool = False):
         config = model.config
         if not 1 <= num_iterations <= config.max_iterations:
             raise ValueError(f"num_iterations must be in [1, {config.max_iterations}], got {num_iterations}")
-        self.model, self.num_iterations, self.halting_threshold = model, num_iterations, halting_threshold
+        self.model, self.num_iterations, self.halting_confidence = model, num_iterations, halting_confidence
         self.pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
         self.base_features = model.base.encode(self.pixels)
-        need_code_ids = need_code_ids or halting_threshold is not None
+        need_code_ids = need_code_ids or halting_confidence is not None
         self.code_ids = model.base.code_ids(self.base_features) if need_code_ids else None
         prefix = model.encoder.embed_image(self.pixels, self.base_features)
         self.state = ENCODER_STATES[config.rollout](model, prefix, num_iterations)
@@ -172,8 +172,8 @@ class RolloutRun:
         return torch.softmax(logits, dim=-1).gather(-1, self.code_ids[:, :, None])[..., 0]
 
     def halt(self, code_prob: Tensor) -> Tensor:
-        """Dynamic halting after the iteration just run: halt cells with ``code_prob >= halting_threshold``."""
-        mask = code_prob >= self.halting_threshold
+        """Dynamic halting after the iteration just run: halt cells with ``code_prob >= halting_confidence``."""
+        mask = code_prob >= self.halting_confidence
         if self.iteration < self.num_iterations:
             self.state.halt(mask)
         return mask
@@ -207,22 +207,22 @@ def pixel_errors(model: ALITModel, logits: Tensor, pixels: Tensor) -> Tensor:
                       for part, target in zip(logits.split(PIXEL_DECODE_CHUNK), pixels.split(PIXEL_DECODE_CHUNK))])
 
 
-def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_threshold: float | None = None,
-            length_threshold: float | None = None,
+def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_confidence: float | None = None,
+            target_error: float | None = None,
             trace: Callable[[IterationRecord], None] | None = None) -> RolloutOutput:
     """Encode ``pixels`` ``[N, 3, R, R]`` (float in [0, 1], model resolution) into tokens.
 
-    ``num_iterations``: iterations to run at most (1..max_iterations). ``halting_threshold``: dynamic halting
-    probability, None for no halting. ``length_threshold``: the exact length rule (each image stops at the first
+    ``num_iterations``: iterations to run at most (1..max_iterations). ``halting_confidence``: dynamic halting
+    probability, None for no halting. ``target_error``: the exact length rule (each image stops at the first
     iteration whose reconstruction error is ``<=`` it, decoding every iteration up to there).
     ``trace``: called after every iteration with an :class:`IterationRecord`; tracing decodes and reconstructs
     at every iteration, as the authors' code does (used by the parity tests and the reference benchmark).
     Call under ``torch.inference_mode()``.
     """
     batch = pixels.shape[0]
-    run = RolloutRun(model, pixels, num_iterations, halting_threshold=halting_threshold,
+    run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence,
                      need_code_ids=trace is not None)
-    selecting = length_threshold is not None
+    selecting = target_error is not None
     tokens: list[Tensor | None] = [None] * batch
     chosen = torch.full((batch,), num_iterations, dtype=torch.long)
     best_error = torch.full((batch,), float("inf")) if selecting else None
@@ -230,7 +230,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
     for t in range(num_iterations):
         latents = run.encode_step()
         last = t == num_iterations - 1
-        halting_now = halting_threshold is not None and not last
+        halting_now = halting_confidence is not None and not last
         need_logits = selecting or halting_now or trace is not None
         if not (last or need_logits):
             continue
@@ -241,7 +241,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
         if need_logits:
             logits = run.decode(step_tokens)
             code_prob = run.code_prob(logits)
-        if halting_threshold is not None and code_prob is not None:
+        if halting_confidence is not None and code_prob is not None:
             halt_mask = run.halt(code_prob)
         if selecting or trace is not None:
             recon, error = run.error(logits)
@@ -260,7 +260,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_th
                 best_error[image] = error_cpu[row]
                 tokens[image] = step_tokens[row].clone()
                 chosen[image] = t + 1
-        keep = error_cpu > length_threshold
+        keep = error_cpu > target_error
         if last or not keep.any():
             break
         if not keep.all():

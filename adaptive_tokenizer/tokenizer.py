@@ -189,10 +189,10 @@ class AdaptiveTokenizer:
             for start in range(0, len(pixels), self.batch_size):
                 batch = pixels[start : start + self.batch_size].to(self.device)
                 if rule is None:
-                    out = rollout(self.model, batch, num_iterations, halting_threshold=self._halting_threshold())
+                    out = rollout(self.model, batch, num_iterations, halting_confidence=self._halting_confidence())
                 else:
                     out = choose_length(self.model, batch, num_iterations, halt_threshold, rule,
-                                        halting_threshold=self._halting_threshold())
+                                        halting_confidence=self._halting_confidence())
                 parts.append(out)
         tokens = [t.cpu() for out in parts for t in out.tokens]
         num_tokens = torch.cat([out.num_iterations for out in parts]) * self.tokens_per_iteration
@@ -239,7 +239,7 @@ class AdaptiveTokenizer:
             for start in range(0, len(pixels), self.batch_size):
                 records: list[IterationRecord] = []
                 rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
-                        halting_threshold=self._halting_threshold(), trace=records.append)
+                        halting_confidence=self._halting_confidence(), trace=records.append)
                 all_pixels.append(torch.stack([r.reconstruction.clamp(0, 1).cpu() for r in records], dim=1))
                 all_errors.append(torch.stack([r.error.cpu() for r in records], dim=1))
         return torch.cat(all_pixels), torch.cat(all_errors)
@@ -284,8 +284,8 @@ class AdaptiveTokenizer:
         return self._token_sequences(tokens)
 
     # ---- helpers -------------------------------------------------------------------------------------------
-    def _halting_threshold(self) -> float | None:
-        return self.config.dynamic_halting_threshold if self.config.dynamic_halting else None
+    def _halting_confidence(self) -> float | None:
+        return self.config.dynamic_halting_confidence if self.config.dynamic_halting else None
 
     def _iterations_for(self, max_tokens: int | None, budget: int | None) -> int:
         if max_tokens is not None and budget is not None and max_tokens != budget:

@@ -7,7 +7,7 @@ so far (no key/value cache), with the halting decided after the earlier iteratio
 import torch
 
 
-def plain_rollout(model, pixels, num_iterations, halting_threshold=None):
+def plain_rollout(model, pixels, num_iterations, halting_confidence=None):
     """Per iteration: dict(tokens=[N, L] ids or [N, L, D] vectors, latents=[N, L, W], halt_mask=[N, G2] | None)."""
     encoder, config = model.encoder, model.config
     features = model.base.encode(pixels)
@@ -27,8 +27,8 @@ def plain_rollout(model, pixels, num_iterations, halting_threshold=None):
         tokens = model.quantizer.quantize(vectors) if model.quantizer is not None else vectors
         logits = model.decoder(model.decoder_inputs(tokens)).float()
         mask = None
-        if halting_threshold is not None:
-            mask = torch.softmax(logits, -1).gather(-1, gt_ids[..., None])[..., 0] >= halting_threshold
+        if halting_confidence is not None:
+            mask = torch.softmax(logits, -1).gather(-1, gt_ids[..., None])[..., 0] >= halting_confidence
             if t + 1 < num_iterations:
                 halted[:, t + 1] = halted[:, t] | mask
             if config.rollout == "recurrent":

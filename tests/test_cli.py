@@ -96,10 +96,10 @@ def test_convert(capsys, tmp_path, variant, kind):
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
-def test_convert_halting_threshold(capsys, tmp_path):
-    code, out, _ = run(capsys, "convert", FIXTURES / "alit_tiny_A.pth", tmp_path, *HEADS, "--halting-threshold", "0.7")
+def test_convert_halting_confidence(capsys, tmp_path):
+    code, out, _ = run(capsys, "convert", FIXTURES / "alit_tiny_A.pth", tmp_path, *HEADS, "--halting-confidence", "0.7")
     assert code == 0 and "p >= 0.7" in out
-    assert ModelConfig.from_json(tmp_path / "config.json").dynamic_halting_threshold == 0.7
+    assert ModelConfig.from_json(tmp_path / "config.json").dynamic_halting_confidence == 0.7
 
 
 # ---- encode / token files ------------------------------------------------------------------------------------

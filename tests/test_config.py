@@ -9,6 +9,7 @@ import torch
 
 from adaptive_tokenizer import ModelConfig, VQGANConfig
 from adaptive_tokenizer.config import LengthPredictorConfig
+from adaptive_tokenizer.presets import DEFAULT_MODEL
 from adaptive_tokenizer.base_tokenizer import VQGAN
 
 
@@ -111,7 +112,7 @@ def test_derived_sizes():
     ({"latent_kind": "discrete"}, "latent_kind"),
     ({"factorize_latent": False}, "factorize_latent"),
     ({"max_iterations": 9}, "decoder_max_latent_tokens"),
-    ({"dynamic_halting_threshold": 1.5}, "probability"),
+    ({"dynamic_halting_confidence": 1.5}, "probability"),
     ({"length_predictor": {"features": ["latents", "pixels"], "num_inputs": 5}}, "subset of .* in that order"),
     ({"length_predictor": {"features": ["pixels"], "hidden": -1, "num_inputs": 11}}, "hidden must be an int"),
     ({"length_predictor": {"features": ["pixels"], "num_inputs": 0}}, "num_inputs must be a positive int"),
@@ -145,3 +146,14 @@ def test_base_validation():
         VQGANConfig(shortcut="output").validate()
     with pytest.raises(ValueError, match="codebook_dim"):
         VQGANConfig(codebook_dim=64).validate()
+
+
+def test_files_with_the_earlier_name_of_the_halting_probability_still_load():
+    """``dynamic_halting_threshold`` (the per-token probability of dynamic halting, renamed so that it cannot be
+    mistaken for the per-image target error ``halt_threshold``) loads as ``dynamic_halting_confidence``."""
+    data = DEFAULT_MODEL.replace(dynamic_halting=True).to_dict()
+    data["dynamic_halting_threshold"] = data.pop("dynamic_halting_confidence")
+    data["dynamic_halting_threshold"] = 0.3
+    config = ModelConfig.from_dict(data)
+    assert config.dynamic_halting_confidence == 0.3
+    assert "dynamic_halting_threshold" not in config.to_dict()

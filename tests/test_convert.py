@@ -28,7 +28,7 @@ def test_sizes_are_inferred_from_shapes(state_dict_a):
     base = config.base
     assert (base.ch, base.ch_mult, base.num_res_blocks, base.z_channels) == (32, (2, 1, 1, 1, 1), 1, 32)
     assert (base.codebook_size, base.codebook_dim, base.attn_resolutions) == (64, 32, ())
-    assert config.dynamic_halting and config.dynamic_halting_threshold == 0.55 and config.rollout == "recurrent"
+    assert config.dynamic_halting and config.dynamic_halting_confidence == 0.55 and config.rollout == "recurrent"
 
 
 def test_continuous_variant(tmp_path):
@@ -90,9 +90,9 @@ def test_unknown_and_missing_keys_are_named(state_dict_a):
 
 def test_flags_for_halting(tmp_path):
     config = convert_checkpoint(FIXTURES / "alit_tiny_A.pth", tmp_path, dynamic_halting=False,
-                                dynamic_halting_threshold=0.3, **TINY_HEADS)
+                                dynamic_halting_confidence=0.3, **TINY_HEADS)
     assert json.loads((tmp_path / "config.json").read_text())["dynamic_halting"] is False
-    assert config.dynamic_halting_threshold == 0.3
+    assert config.dynamic_halting_confidence == 0.3
 
 
 class _Payload:

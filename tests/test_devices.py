@@ -48,6 +48,6 @@ def test_dynamic_halting_decisions_on_every_device(converted_dirs, images, devic
         tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"], device=where)
         records = []
         with torch.inference_mode():
-            rollout(tok.model, images.to(where), 4, halting_threshold=0.05, trace=records.append)
+            rollout(tok.model, images.to(where), 4, halting_confidence=0.05, trace=records.append)
         masks[where] = [r.halt_mask.cpu() for r in records[:-1]]
     assert all(torch.equal(a, b) for a, b in zip(masks["cpu"], masks[device]))

@@ -74,7 +74,7 @@ def tiny_files(converted_dirs) -> dict[str, bytes]:
 def tiny_repo(hub, tiny_files) -> dict[str, str]:
     """``testorg/tiny``: an old commit (dynamic halting at 0.25, also tagged ``v0``), then ``main`` (halting off)."""
     config = json.loads(tiny_files[CONFIG_NAME])
-    old_config = json.dumps({**config, "dynamic_halting": True, "dynamic_halting_threshold": 0.25}).encode()
+    old_config = json.dumps({**config, "dynamic_halting": True, "dynamic_halting_confidence": 0.25}).encode()
     old = hub.add_commit(REPO, {**tiny_files, CONFIG_NAME: old_config})
     hub.repos[REPO].branches["v0"] = old
     return {"old": old, "main": hub.add_commit(REPO, tiny_files)}
@@ -128,7 +128,7 @@ def test_revision_is_honoured(hub, tiny_repo):
     for name, kwargs in [(f"{REPO}@v0", {}), (f"{REPO}@{old}", {}), (REPO, {"revision": old}),
                          (f"{REPO}@{old}", {"revision": old})]:
         config = AdaptiveTokenizer.from_pretrained(name, **kwargs).config
-        assert config.dynamic_halting and config.dynamic_halting_threshold == 0.25, (name, kwargs)
+        assert config.dynamic_halting and config.dynamic_halting_confidence == 0.25, (name, kwargs)
     assert not AdaptiveTokenizer.from_pretrained(REPO, revision="main").config.dynamic_halting
     with pytest.raises(ValueError, match="names revision 'v0' but revision='main'"):
         AdaptiveTokenizer.from_pretrained(f"{REPO}@v0", revision="main")
@@ -320,7 +320,7 @@ def test_cli_models_info_and_push(hub, tiny_repo, tiny_files, converted_dirs, tm
     assert "tiny-hub" in out and "32-256 (step 32)" in out and f"{REPO}@{tiny_repo['main']}" in out
 
     assert main(["info", "--model", f"{REPO}@v0"]) == 0
-    assert '"dynamic_halting_threshold": 0.25' in capsys.readouterr().out
+    assert '"dynamic_halting_confidence": 0.25' in capsys.readouterr().out
     assert main(["info", "--model", "testorg/missing"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("adaptive-tokenizer: error: model 'testorg/missing'") and err.count("\n") == 1

@@ -24,10 +24,10 @@ BUDGET = 32  # 4 iterations of 8 tokens
 
 
 def tokenizer(rollout: str, halting: bool, predictor: bool) -> AdaptiveTokenizer:
-    model = small_model(rollout=rollout, dynamic_halting=halting, dynamic_halting_threshold=0.02)
+    model = small_model(rollout=rollout, dynamic_halting=halting, dynamic_halting_confidence=0.02)
     if predictor:  # fitted on measured errors of random images, so its predictions vary between images
         pixels = torch.rand(24, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-        features, errors = measure_batch(model, pixels, halting_threshold=0.02 if halting else None)
+        features, errors = measure_batch(model, pixels, halting_confidence=0.02 if halting else None)
         model = with_predictor(model, fit_head(model, features, errors, ("pixels", "class", "latents"), 8, steps=300))
     return AdaptiveTokenizer(model, batch_size=4)
 

@@ -30,10 +30,10 @@ def goldens():
     return {v: load_file(FIXTURES / f"golden_{v}.safetensors") for v in "AB"}
 
 
-def trace(tok, images, halting_threshold):
+def trace(tok, images, halting_confidence):
     records = []
     with torch.inference_mode():
-        rollout(tok.model, images, tok.config.max_iterations, halting_threshold=halting_threshold,
+        rollout(tok.model, images, tok.config.max_iterations, halting_confidence=halting_confidence,
                 trace=records.append)
     return records
 

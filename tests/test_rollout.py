@@ -71,7 +71,7 @@ def test_fixed_budget_runs_neither_decoder(model, pixels):
 
 
 def test_halting_decodes_logits_between_iterations_only(model, pixels):
-    out, enc, dec, pix = run(model, pixels, 4, halting_threshold=0.05)
+    out, enc, dec, pix = run(model, pixels, 4, halting_confidence=0.05)
     assert enc == [3] * 4 and dec == [3] * 3 and pix == []
 
 
@@ -79,7 +79,7 @@ def test_halting_changes_later_iterations_only(model, pixels):
     plain, halted = [], []
     with torch.inference_mode():
         rollout(model, pixels, 3, trace=plain.append)
-        rollout(model, pixels, 3, halting_threshold=0.0, trace=halted.append)  # every 2D token halts
+        rollout(model, pixels, 3, halting_confidence=0.0, trace=halted.append)  # every 2D token halts
     assert halted[0].halt_mask.all()
     assert torch.equal(plain[0].token_vectors, halted[0].token_vectors)
     assert not torch.allclose(plain[1].token_vectors, halted[1].token_vectors)
@@ -96,7 +96,7 @@ def test_finished_images_leave_the_batch(model, pixels):
     expected_iterations = [s + 1 if met[i].any() else int(errors[i].argmin()) + 1 for i, s in enumerate(stop)]
     expected_batches = [n for n in (sum(s >= t for s in stop) for t in range(4)) if n]
     assert expected_batches[:2] == [3, 2]  # image 0 stops at once, the others go on
-    out, enc, dec, pix = run(model, pixels, 4, length_threshold=threshold)
+    out, enc, dec, pix = run(model, pixels, 4, target_error=threshold)
     assert enc == expected_batches and pix == expected_batches
     assert out.num_iterations.tolist() == expected_iterations
     torch.testing.assert_close(out.errors, errors[torch.arange(3), out.num_iterations - 1])
@@ -105,7 +105,7 @@ def test_finished_images_leave_the_batch(model, pixels):
 def test_trace_records_shapes(model, pixels):
     records = []
     with torch.inference_mode():
-        rollout(model, pixels, 2, halting_threshold=0.5, trace=records.append)
+        rollout(model, pixels, 2, halting_confidence=0.5, trace=records.append)
     first, second = records
     assert first.token_ids.shape == (3, 8) and second.token_ids.shape == (3, 16)
     assert second.latents.shape == (3, 16, 64) and second.token_vectors.shape == (3, 16, 12)
@@ -132,12 +132,12 @@ def test_tokens_equal_the_plain_rollout(model, pixels, halting):
     with torch.inference_mode():
         steps = plain_rollout(model, pixels, 4, halting)
         for iterations in (1, 2, 4):
-            out = rollout(model, pixels, iterations, halting_threshold=halting)
+            out = rollout(model, pixels, iterations, halting_confidence=halting)
             assert torch.equal(torch.stack(out.tokens), steps[iterations - 1]["tokens"])
         # Adaptive length: the oracle's per-iteration errors give the expected choice.
         errors = torch.stack([step["error"] for step in steps], dim=1)
         threshold = float(errors.median())
-        out = rollout(model, pixels, 4, halting_threshold=halting, length_threshold=threshold)
+        out = rollout(model, pixels, 4, halting_confidence=halting, target_error=threshold)
         for image in range(3):
             met = (errors[image] <= threshold).nonzero()
             expected = int(met[0]) if len(met) else int(errors[image].argmin())
@@ -155,7 +155,7 @@ def cached_model():
 def test_incremental_equals_block_causal_single_pass(cached_model, pixels, halting):
     records = []
     with torch.inference_mode():
-        rollout(cached_model, pixels, 4, halting_threshold=halting, trace=records.append)
+        rollout(cached_model, pixels, 4, halting_confidence=halting, trace=records.append)
         prefix = cached_model.encoder.embed_image(pixels, cached_model.base.encode(pixels))
         halted = torch.zeros(3, 4, 256, dtype=torch.bool)
         if halting is not None:
