@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from adaptive_tokenizer import evaluate as ev
 from adaptive_tokenizer import metrics
-from adaptive_tokenizer.image_io import load_images
 from training.losses import ms_ssim
 
 
@@ -131,23 +128,3 @@ def test_colour_offset_and_chroma():
     cast = grey_image + torch.tensor([1.5, 0, -1.5]).view(1, 3, 1, 1) / 255  # a faint pink-blue cast
     assert torch.allclose(metrics.chroma(cast), torch.full((2,), 1 / 255), atol=1e-6)
     assert metrics.is_greyscale(cast).all()  # still within the greyscale tolerance of an input
-
-
-def test_evaluate_reports_sharpness_and_colour_per_budget(tok_a, tmp_path):
-    rng = np.random.default_rng(0)
-    colour = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    Image.fromarray(colour).save(tmp_path / "a_colour.png")
-    Image.fromarray(colour[..., 0]).convert("RGB").save(tmp_path / "b_grey.png")
-    report = ev.evaluate_folder(tok_a, tmp_path, tmp_path / "out", max_tokens=64, grid_images=1, progress=False)
-    assert report["base_ceiling"]["greyscale_images"] == 1
-    inputs = load_images([str(tmp_path / "a_colour.png"), str(tmp_path / "b_grey.png")], tok_a.config.image_size)
-    pixels, _ = tok_a.reconstructions(inputs, max_tokens=64)
-    for i, row in enumerate(report["fixed"]):
-        assert row["sharpness"] == pytest.approx(metrics.set_sharpness(pixels[:, i], inputs), rel=1e-5)
-        assert row["colour_offset"] == pytest.approx(metrics.colour_offset(pixels[:, i], inputs).mean().item(),
-                                                     rel=1e-5)
-        assert row["greyscale_chroma"] == pytest.approx(metrics.chroma(pixels[1:, i]).item(), rel=1e-5)
-    grey_record = report["images"][1]
-    assert grey_record["greyscale"] and len(grey_record["chroma"]) == len(report["budgets"]) + 1  # + the base
-    table = ev.format_table(report)
-    assert "sharpness" in table and "(1 greyscale)" in table
