@@ -53,7 +53,7 @@ def test_sections_hold_the_numbers_of_the_tables():
         assert level.mean_tokens == pytest.approx(sum(chosen) / len(chosen))
         assert level.histogram == [chosen.count(b) for b in report.budgets]
     assert adaptive.comparison.threshold == adaptive.levels[adaptive.target_level].threshold
-    assert report.base_ceiling.greyscale_images == 2 and report.base_ceiling.grid_tokens == 256
+    assert report.base_ceiling.fidelity.greyscale_images == 2 and report.base_ceiling.grid_tokens == 256
 
 
 def test_table_reads_the_typed_report_and_its_json_form():

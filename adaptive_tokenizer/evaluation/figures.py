@@ -173,7 +173,7 @@ def write_figures(report: EvaluationReport, grid: Image.Image, out_dir: str | os
     try:
         plots = {name: draw(report) for name, draw in PLOTS.items()}
     except ImportError as err:
-        warnings.warn(f"{err}; wrote report.json and {FIGURES['grid']} only (not "
+        warnings.warn(f"{err} (without it: report.json and {FIGURES['grid']}, not "
                       f"{', '.join(FIGURES[name] for name in PLOTS)})", FiguresSkippedWarning, stacklevel=3)
         return written
     for name, data in plots.items():

@@ -28,7 +28,7 @@ from ..image_io import load_images, to_pil
 from ..metrics import l1_error, psnr, ssim
 from ..model import base_reconstruction
 from ..tokenizer import AdaptiveTokenizer
-from .report import BaseScores, BudgetRow, CeilingRow, ImageRecord
+from .report import BaseScores, BudgetRow, CeilingRow, Fidelity, ImageRecord
 
 JPEG_QUALITY = 90
 
@@ -118,14 +118,14 @@ def measure_images(tok: AdaptiveTokenizer, paths: Sequence[str | os.PathLike], *
     return Measurements(**joined, panels=panels)
 
 
-def fidelity_row(measured: Measurements, column: int) -> dict:
+def fidelity_row(measured: Measurements, column: int) -> Fidelity:
     """Sharpness (a ratio of means over the images), colour offset and greyscale chroma of one column of the
     ``[N, I + 1]`` tables (the last: the base)."""
     greyscale = measured.greyscale
     grey_chroma = float(measured.chroma[greyscale, column].mean()) if greyscale.any() else None
     sharpness = measured.gradient[:, column].sum() / measured.input_gradient.sum().clamp_min(1e-12)
-    return {"sharpness": float(sharpness), "colour_offset": float(measured.offset[:, column].mean()),
-            "greyscale_chroma": grey_chroma, "greyscale_images": int(greyscale.sum())}
+    return Fidelity(sharpness=float(sharpness), colour_offset=float(measured.offset[:, column].mean()),
+                    greyscale_chroma=grey_chroma, greyscale_images=int(greyscale.sum()))
 
 
 def budget_rows(measured: Measurements, budgets: Sequence[int], grid_tokens: int) -> tuple[list[BudgetRow],
@@ -133,10 +133,10 @@ def budget_rows(measured: Measurements, budgets: Sequence[int], grid_tokens: int
     """The ``fixed`` rows (means over the images per budget) and the ``base_ceiling`` row."""
     fixed = [BudgetRow(budget=b, l1=float(measured.l1[:, i].mean()), psnr=float(measured.psnr[:, i].mean()),
                        ssim=float(measured.ssim[:, i].mean()), error_unclamped=float(measured.errors[:, i].mean()),
-                       **fidelity_row(measured, i)) for i, b in enumerate(budgets)]
+                       fidelity=fidelity_row(measured, i)) for i, b in enumerate(budgets)]
     base = measured.base
     ceiling = CeilingRow(l1=float(base[:, 0].mean()), psnr=float(base[:, 1].mean()), ssim=float(base[:, 2].mean()),
-                         grid_tokens=grid_tokens, **fidelity_row(measured, len(budgets)))
+                         grid_tokens=grid_tokens, fidelity=fidelity_row(measured, len(budgets)))
     return fixed, ceiling
 
 

@@ -2,7 +2,8 @@
 
 :class:`EvaluationReport` holds every section of ``report.json`` (same keys, same order): the field names are the
 JSON keys. :meth:`EvaluationReport.to_dict` gives the strict JSON form (NaN and infinities become ``null``, tuples
-lists; a section marked ``omit_if_none`` is left out rather than written as ``null``) and
+lists; a section marked ``OMIT_IF_NONE`` is left out rather than written as ``null``, one marked ``INLINE`` has its
+keys written into its parent's object) and
 :meth:`EvaluationReport.from_dict` builds the dataclasses back from it, so that
 ``EvaluationReport.from_dict(report.to_dict()) == report``. :func:`write_report` / :func:`read_report` do the same
 through the file.
@@ -45,6 +46,7 @@ METRIC_NOTES = {
                        "with adaptive.levels; histogram with budgets",
 }
 OMIT_IF_NONE = {"omit_if_none": True}  # field metadata: a None value is left out of the JSON
+INLINE = {"inline": True}  # field metadata: a dataclass whose keys are written into its parent's JSON object
 
 
 # ---- metadata ------------------------------------------------------------------------------------------------
@@ -90,14 +92,9 @@ class Metadata:
 
 # ---- quality per budget --------------------------------------------------------------------------------------
 @dataclass
-class BudgetRow:
-    """``fixed``: one token budget, means over the images. The fidelity measures (the last four fields, see
-    ``measure.fidelity_row``) are None in reports written before them."""
-    budget: int
-    l1: float
-    psnr: float
-    ssim: float
-    error_unclamped: float
+class Fidelity:
+    """Sharpness and colour over the images (``measure.fidelity_row``); written inline in its row's JSON object,
+    after the other keys. None in reports written before these measures."""
     sharpness: float | None = None
     colour_offset: float | None = None
     greyscale_chroma: float | None = None  # None without greyscale inputs
@@ -105,16 +102,24 @@ class BudgetRow:
 
 
 @dataclass
+class BudgetRow:
+    """``fixed``: one token budget, means over the images."""
+    budget: int
+    l1: float
+    psnr: float
+    ssim: float
+    error_unclamped: float
+    fidelity: Fidelity = field(default_factory=Fidelity, metadata=INLINE)
+
+
+@dataclass
 class CeilingRow:
-    """``base_ceiling``: the base tokenizer's own reconstruction, means over the images (fidelity: as BudgetRow)."""
+    """``base_ceiling``: the base tokenizer's own reconstruction, means over the images."""
     l1: float
     psnr: float
     ssim: float
     grid_tokens: int
-    sharpness: float | None = None
-    colour_offset: float | None = None
-    greyscale_chroma: float | None = None
-    greyscale_images: int | None = None
+    fidelity: Fidelity = field(default_factory=Fidelity, metadata=INLINE)
 
 
 # ---- adaptive length -----------------------------------------------------------------------------------------
@@ -301,8 +306,14 @@ def finite(value: float) -> float | None:
 def plain(value: Any) -> Any:
     """Dataclasses -> dicts (in field order), NaN and infinities -> None, tuples -> lists (strict JSON)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)}
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if f.metadata.get("inline"):
+                out.update(plain(item))
+            elif not (f.metadata.get("omit_if_none") and item is None):
+                out[f.name] = plain(item)
+        return out
     if isinstance(value, float):
         return finite(value)
     if isinstance(value, dict):
@@ -314,11 +325,11 @@ def plain(value: Any) -> Any:
 
 def build(kind: Any, data: Any) -> Any:
     """JSON values -> the annotated type ``kind`` (dataclasses, ``list[...]``, ``dict[str, ...]``, ``X | None``);
-    a dataclass field missing from ``data`` takes its default."""
+    a dataclass field missing from ``data`` takes its default; an ``INLINE`` one is built from ``data`` itself."""
     if dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
-        return kind(**{f.name: build(hints[f.name], data[f.name]) for f in dataclasses.fields(kind)
-                       if f.name in data})
+        return kind(**{f.name: build(hints[f.name], data if f.metadata.get("inline") else data[f.name])
+                       for f in dataclasses.fields(kind) if f.metadata.get("inline") or f.name in data})
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         return None if data is None else build(next(a for a in args if a is not type(None)), data)

@@ -75,11 +75,12 @@ def format_rules(rules: LengthRules) -> list[str]:
 
 def fidelity_lines(report: EvaluationReport) -> list[str]:
     """Sharpness and colour per budget (reports written before these measures have none: no lines)."""
-    if report.base_ceiling.sharpness is None:
+    if report.base_ceiling.fidelity.sharpness is None:
         return []
     lines = [f"{'budget':>8}  {'sharpness':>9}  {'colour offset':>13}  grey chroma x255 "
-             f"({report.base_ceiling.greyscale_images} greyscale)"]
+             f"({report.base_ceiling.fidelity.greyscale_images} greyscale)"]
     for name, row in [*((str(row.budget), row) for row in report.fixed), ("VQGAN", report.base_ceiling)]:
-        chroma = "n/a" if row.greyscale_chroma is None else f"{255 * row.greyscale_chroma:.2f}"
-        lines.append(f"{name:>8}  {row.sharpness:9.3f}  {row.colour_offset:13.4f}  {chroma:>6}")
+        fidelity = row.fidelity
+        chroma = "n/a" if fidelity.greyscale_chroma is None else f"{255 * fidelity.greyscale_chroma:.2f}"
+        lines.append(f"{name:>8}  {fidelity.sharpness:9.3f}  {fidelity.colour_offset:13.4f}  {chroma:>6}")
     return lines
