@@ -66,8 +66,8 @@ def ssim_maps(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5
     channels = x.shape[1]
     groups = 5 * channels
     window = gaussian_window(window_size, sigma).to(device=x.device, dtype=torch.float32)
-    kernel_h = window.view(1, 1, 1, -1).expand(groups, 1, 1, window_size)
-    kernel_v = window.view(1, 1, -1, 1).expand(groups, 1, window_size, 1)
+    kernel_h = window.view(1, 1, 1, -1).expand(groups, 1, 1, window_size).contiguous()
+    kernel_v = window.view(1, 1, -1, 1).expand(groups, 1, window_size, 1).contiguous()
     stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
     blurred = F.conv2d(F.conv2d(stacked, kernel_h, groups=groups), kernel_v, groups=groups)
     mu_x, mu_y, mean_xx, mean_yy, mean_xy = blurred.split(channels, dim=1)

@@ -2,11 +2,10 @@
 
 :class:`EvaluationReport` holds every section of ``report.json`` (same keys, same order): the field names are the
 JSON keys. :meth:`EvaluationReport.to_dict` gives the strict JSON form (NaN and infinities become ``null``, tuples
-lists; a section marked ``OMIT_IF_NONE`` is left out rather than written as ``null``, one marked ``INLINE`` has its
-keys written into its parent's object) and
-:meth:`EvaluationReport.from_dict` builds the dataclasses back from it, so that
-``EvaluationReport.from_dict(report.to_dict()) == report``. :func:`write_report` / :func:`read_report` do the same
-through the file.
+lists; a field marked ``OMIT_IF_NONE`` is left out rather than written as ``null``, one marked ``INLINE`` has its
+keys written into its parent's object) and :meth:`EvaluationReport.from_dict` builds the dataclasses back from it,
+so that ``EvaluationReport.from_dict(report.to_dict()) == report``. :func:`write_report` / :func:`read_report` do
+the same through the file.
 """
 
 from __future__ import annotations
