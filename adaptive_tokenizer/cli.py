@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .bench import add_arguments as add_bench_arguments
 from .bench import run_benchmark
 from .convert import convert_checkpoint
-from .evaluate import evaluate_folder, format_table, parse_thresholds
+from .evaluation import evaluate_folder, format_table, parse_thresholds
 from .hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
 from .image_io import labelled_strip, list_image_files, load_images, to_pil
 from .io_utils import png_bytes, refuse_inputs_as_outputs, staged_directory, write_atomic

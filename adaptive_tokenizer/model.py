@@ -13,7 +13,27 @@ from .base_tokenizer import VQGAN
 from .config import ModelConfig
 from .latent_model import LatentDecoder, LatentEncoder
 from .length_predictor import LengthPredictor
+from .metrics import l1_error
 from .quantizer import LatentQuantizer
+
+
+def base_reconstruction(base: VQGAN, pixels: Tensor, *, features: Tensor | None = None,
+                        code_ids: Tensor | None = None, clamp: bool = True) -> Tensor:
+    """The base tokenizer's own reconstruction of ``pixels`` ``[N, 3, R, R]``: encode, nearest codes, ``decode_ids``;
+    float32, clamped to [0, 1] unless ``clamp`` is False (the ceiling of every token budget). ``features``
+    (``base.encode(pixels)``) or ``code_ids`` skip the steps a caller has already run."""
+    if code_ids is None:
+        code_ids = base.code_ids(base.encode(pixels) if features is None else features)
+    reconstruction = base.decode_ids(code_ids).float()
+    return reconstruction.clamp(0, 1) if clamp else reconstruction
+
+
+def base_reconstruction_error(base: VQGAN, pixels: Tensor, *, features: Tensor | None = None,
+                              code_ids: Tensor | None = None, clamp: bool = True) -> Tensor:
+    """Mean absolute error ``[N]`` (float64, :func:`~adaptive_tokenizer.metrics.l1_error`) of
+    :func:`base_reconstruction` against ``pixels``."""
+    reconstruction = base_reconstruction(base, pixels, features=features, code_ids=code_ids, clamp=clamp)
+    return l1_error(reconstruction, pixels)
 
 
 class ALITModel(nn.Module):
@@ -40,8 +60,9 @@ class ALITModel(nn.Module):
 
     def base_error(self, pixels: Tensor, code_ids: Tensor) -> Tensor:
         """Mean absolute error ``[N]`` of the base tokenizer's own reconstruction of ``pixels`` ``[N, 3, R, R]``
-        from its codes ``code_ids`` ``[N, G2]`` (unclamped, as rollout errors): the floor of any token budget."""
-        return (self.base.decode_ids(code_ids).float() - pixels.float()).abs().mean(dim=(1, 2, 3))
+        from its codes ``code_ids`` ``[N, G2]`` (unclamped, as rollout errors; float32): the floor of any token
+        budget."""
+        return base_reconstruction_error(self.base, pixels, code_ids=code_ids, clamp=False).float()
 
     def num_parameters(self) -> dict[str, int]:
         parts = {"base_tokenizer": self.base, "encoder": self.encoder, "decoder": self.decoder}

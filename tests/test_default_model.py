@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from adaptive_tokenizer import AdaptiveTokenizer
-from adaptive_tokenizer.presets import DEFAULT_MODEL
-from adaptive_tokenizer.evaluate import jpeg_complexity, l1_error, spearman
+from adaptive_tokenizer.evaluation import jpeg_complexity
 from adaptive_tokenizer.hub import load_manifest
 from adaptive_tokenizer.image_io import list_image_files, load_images
+from adaptive_tokenizer.presets import DEFAULT_MODEL
+from adaptive_tokenizer.stats import spearman
 
 ROOT = Path(__file__).parent.parent
 PHOTOS = list_image_files(ROOT / "evaluation" / "photos")

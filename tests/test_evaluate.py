@@ -1,7 +1,9 @@
-"""``adaptive-tokenizer evaluate``: metrics, adaptive choices (checked against ``encode``), figures, report, CLI.
+"""``adaptive-tokenizer evaluate`` / ``evaluation.evaluate_folder`` end to end: the report's numbers against the
+metrics recomputed here, adaptive choices (checked against ``encode``), complexity, figures, the CLI.
 
 One evaluation runs per module (the tiny quantized model, 4 images, budgets up to 96 to stay fast); the tests read
-its report and figures.
+its report and figures. The parts have their own tests: ``test_metrics.py``, ``test_evaluation_lengths.py``,
+``test_evaluation_report.py``, ``test_evaluation_figures.py``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from adaptive_tokenizer import evaluate as ev
+from adaptive_tokenizer import metrics
 from adaptive_tokenizer.cli import main
+from adaptive_tokenizer.evaluation import (FIGURES, REPORT_FORMAT, EvaluationReport, evaluate_folder, format_table,
+                                          jpeg_complexity)
 from adaptive_tokenizer.image_io import load_images
+from adaptive_tokenizer.stats import spearman
 
 from .tolerances import base_error_atol, error_atol
 
@@ -63,124 +68,6 @@ def evaluation(converted_dirs, image_folder, tmp_path_factory):
     return code, stdout.getvalue(), stderr.getvalue(), out_dir, report
 
 
-# ---- metrics on known inputs ---------------------------------------------------------------------------------
-def test_ssim_psnr_of_identical_images():
-    x = torch.rand(2, 3, 32, 40)
-    assert ev.ssim(x, x).tolist() == [1.0, 1.0]
-    flat = torch.full((1, 3, 16, 16), 0.3)
-    assert ev.ssim(flat, flat).item() == 1.0
-    # PSNR of identical images is capped (documented): 100 dB, so the report stays valid JSON
-    assert ev.psnr(x, x).tolist() == [ev.PSNR_CAP_DB, ev.PSNR_CAP_DB]
-    assert ev.l1_error(x, x).tolist() == [0.0, 0.0]
-
-
-def test_psnr_l1_known_values():
-    x = torch.zeros(1, 3, 8, 8)
-    y = torch.full((1, 3, 8, 8), 0.1)
-    assert ev.l1_error(x, y).item() == pytest.approx(0.1)
-    assert ev.psnr(x, y).item() == pytest.approx(20.0)  # MSE 0.01
-
-
-def _ssim_by_definition(x: np.ndarray, y: np.ndarray) -> float:
-    """Wang et al. per window, straight from the definition (float64 loops): one channel, 'valid' windows."""
-    coords = np.arange(11) - 5.0
-    g = np.exp(-coords ** 2 / (2 * 1.5 ** 2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    values = []
-    for i in range(x.shape[0] - 10):
-        for j in range(x.shape[1] - 10):
-            a, b = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
-            ma, mb = (w * a).sum(), (w * b).sum()
-            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
-            cov = (w * (a - ma) * (b - mb)).sum()
-            values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
-    return float(np.mean(values))
-
-
-def test_ssim_matches_definition():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, 16, 18, generator=generator)
-    y = (x + 0.2 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
-    expected = np.mean([_ssim_by_definition(x[0, c].double().numpy(), y[0, c].double().numpy()) for c in range(3)])
-    assert ev.ssim(x, y).item() == pytest.approx(expected, abs=1e-5)
-    assert -1 <= ev.ssim(x, 1 - x).item() < 0.5
-    with pytest.raises(ValueError, match="at least 11x11"):
-        ev.ssim(x[..., :8, :8], y[..., :8, :8])
-
-
-def test_spearman_known_vectors():
-    assert ev.rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
-    assert ev.rankdata([3, 3, 3]).tolist() == [2.0, 2.0, 2.0]
-    assert ev.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 70]) == pytest.approx(1.0)
-    assert ev.spearman([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]) == pytest.approx(-1.0)
-    # ties averaged: ranks a = [1, 2.5, 2.5, 4], b = [1, 2, 3, 4] -> Pearson = 4.5 / sqrt(4.5 * 5)
-    assert ev.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    # ties in both: ranks [1, 2.5, 2.5, 4, 5.5, 5.5] and [3, 1.5, 4, 1.5, 5, 6] -> 9.75 / sqrt(16.5 * 17)
-    assert ev.spearman([1, 2, 2, 3, 9, 9], [3, 1, 4, 1, 5, 9]) == pytest.approx(9.75 / math.sqrt(16.5 * 17))
-    assert math.isnan(ev.spearman([1, 1, 1], [1, 2, 3]))  # a constant vector has no rank correlation
-    assert math.isnan(ev.spearman([1], [2]))
-
-
-def test_choose_iterations_rule():
-    errors = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.6, 0.4], [0.1, 0.05, 0.01]])
-    chosen = ev.choose_iterations(errors, [0.0, 0.3, 0.45])
-    assert chosen.tolist() == [[2, 0, 2],   # nothing meets 0.0: lowest error (first on ties: image 1 -> 0)
-                               [1, 0, 0],   # 0.3 meets float32(0.3), as in the rollout's float32 comparison
-                               [1, 0, 0]]
-
-
-def test_auto_thresholds_span_and_target():
-    generator = torch.Generator().manual_seed(1)
-    errors = (torch.rand(40, 8, generator=generator) * 0.2 + torch.linspace(0.1, 0, 8)).float()
-    budgets = [32 * (i + 1) for i in range(8)]
-    thresholds = ev.auto_thresholds(errors, budgets)
-    assert thresholds == sorted(thresholds) and 3 <= len(thresholds) <= 6
-    means = (torch.tensor(budgets, dtype=torch.float64)[ev.choose_iterations(errors, thresholds)]).mean(1).tolist()
-    # the extremes of what any threshold can give: everything at 32, and every image at its lowest error
-    lowest = torch.tensor(budgets, dtype=torch.float64)[errors.argmin(1)].mean().item()
-    assert min(means) == 32 and max(means) == pytest.approx(lowest)
-    # the ~128 level is as close to 128 as any threshold can get (a fine sweep finds nothing closer)
-    sweep = torch.linspace(0, 0.35, 3501)
-    all_means = torch.tensor(budgets, dtype=torch.float64)[ev.choose_iterations(errors, sweep)].mean(1)
-    assert min(abs(m - 128) for m in means) <= (all_means - 128).abs().min().item() + 1e-9
-    # thresholds are short decimals, not float noise
-    assert all(len(repr(t)) <= 8 for t in thresholds)
-
-
-def test_best_allocation_is_exact():
-    """Against brute force over every allocation: the least summed error with at most the given mean length."""
-    import itertools
-    generator = torch.Generator().manual_seed(3)
-    errors = torch.rand(5, 4, generator=generator) + torch.linspace(0.6, 0, 4)  # [5 images, 4 lengths]
-    for units_per_image in (1, 1.4, 2, 2.5, 4):
-        chosen = ev.best_allocation(errors, units_per_image)
-        assert (chosen + 1).sum() <= units_per_image * 5
-        best = min(sum(errors[i, k].item() for i, k in enumerate(ks))
-                   for ks in itertools.product(range(4), repeat=5) if sum(ks) + 5 <= units_per_image * 5)
-        assert errors[torch.arange(5), chosen].sum().item() == pytest.approx(best)
-    # a fixed length is one of the allocations considered: never worse than it
-    assert errors[torch.arange(5), ev.best_allocation(errors, 2)].mean() <= errors[:, 1].mean()
-    # more lengths than the whole budget allows: the longest never fit
-    assert ev.best_allocation(errors[:1], 2).item() == int(errors[0, :2].argmin())
-    with pytest.raises(ValueError, match="at least 1"):
-        ev.best_allocation(errors, 0.5)
-
-
-def test_parse_thresholds():
-    assert ev.parse_thresholds("0.1,0.05,0.1") == [0.05, 0.1]
-    for bad in ("", "a", "0.1,-1", "nan", "0.1,,0.2"):
-        with pytest.raises(ValueError, match="--thresholds"):
-            ev.parse_thresholds(bad)
-
-
-def test_nice_ticks():
-    ticks, step = ev.nice_ticks(0, 0.53)
-    assert step == 0.1 and ticks[0] == 0 and ticks[-1] == 0.5
-    ticks, step = ev.nice_ticks(0, 1.0, 4)
-    assert step == 0.25 and [ev.format_tick(t, step) for t in ticks] == ["0.00", "0.25", "0.50", "0.75", "1.00"]
-
-
 # ---- the evaluation run --------------------------------------------------------------------------------------
 def test_cli_run_and_table(evaluation):
     code, out, err, out_dir, report = evaluation
@@ -195,7 +82,7 @@ def test_report_structure(evaluation, converted_dirs, image_folder):
     *_, report = evaluation
     assert set(report) >= {"format", "metadata", "budgets", "fixed", "base_ceiling", "adaptive", "complexity",
                            "images", "figures"}
-    assert report["format"] == ev.REPORT_FORMAT
+    assert report["format"] == REPORT_FORMAT
     meta = report["metadata"]
     assert meta["num_images"] == 4 and meta["folder"] == str(image_folder) and meta["model"] == str(converted_dirs["A"])
     assert meta["command"][:3] == ["adaptive-tokenizer", "evaluate", str(image_folder)]
@@ -207,11 +94,21 @@ def test_report_structure(evaluation, converted_dirs, image_folder):
     assert [row["file"] for row in report["images"]] == sorted(NAMES)
 
 
+def test_report_json_is_the_typed_report(evaluation):
+    """report.json is written from the dataclasses and reads back into them unchanged."""
+    *_, out_dir, report = evaluation
+    typed = EvaluationReport.from_dict(report)
+    assert typed.to_dict() == report
+    assert typed.fixed[0].budget == 32 and typed.adaptive.levels[0].histogram == report["adaptive"]["levels"][0][
+        "histogram"]
+    assert (out_dir / "report.json").read_text() == json.dumps(typed.to_dict(), indent=1) + "\n"
+
+
 def test_metric_ranges(evaluation):
     *_, report = evaluation
     rows = report["fixed"] + [report["base_ceiling"]]
     for row in rows:
-        assert 0 <= row["l1"] <= 1 and 0 < row["psnr"] <= ev.PSNR_CAP_DB and -1 <= row["ssim"] <= 1
+        assert 0 <= row["l1"] <= 1 and 0 < row["psnr"] <= metrics.PSNR_CAP_DB and -1 <= row["ssim"] <= 1
     for image in report["images"]:
         assert len(image["l1"]) == len(image["psnr"]) == len(image["ssim"]) == len(report["budgets"])
         # clamping to [0, 1] can only lower the error
@@ -229,14 +126,14 @@ def test_metrics_recomputed(evaluation, tok_a, image_folder):
     inputs = load_images(str(image_folder / name), tok_a.config.image_size)
     pixels, errors = tok_a.reconstructions(inputs, max_tokens=MAX_TOKENS)
     targets = inputs.expand(len(report["budgets"]), -1, -1, -1)
-    assert row["l1"] == pytest.approx(ev.l1_error(pixels[0], targets).tolist(), abs=error_atol(tok_a))
-    assert row["ssim"] == pytest.approx(ev.ssim(pixels[0], targets).tolist(), abs=1e-5)
+    assert row["l1"] == pytest.approx(metrics.l1_error(pixels[0], targets).tolist(), abs=error_atol(tok_a))
+    assert row["ssim"] == pytest.approx(metrics.ssim(pixels[0], targets).tolist(), abs=1e-5)
     assert row["error_unclamped"] == pytest.approx(errors[0].tolist(), abs=error_atol(tok_a))
     with torch.inference_mode():
         base = tok_a.model.base
         ceiling = base.decode_ids(base.code_ids(base.encode(inputs))).clamp(0, 1)
-    assert row["base"]["l1"] == pytest.approx(ev.l1_error(ceiling, inputs).item(), abs=base_error_atol(tok_a))
-    assert row["complexity"] == pytest.approx(ev.jpeg_complexity(inputs[0]))
+    assert row["base"]["l1"] == pytest.approx(metrics.l1_error(ceiling, inputs).item(), abs=base_error_atol(tok_a))
+    assert row["complexity"] == pytest.approx(jpeg_complexity(inputs[0]))
 
 
 def test_adaptive_levels(evaluation):
@@ -269,15 +166,8 @@ def test_adaptive_levels(evaluation):
     assert sum(best["histogram"]) == 4 and len(best["histogram"]) == len(budgets)
 
 
-def test_paired_difference_counts_and_interval(evaluation):
-    differences = torch.tensor([-0.02, -0.01, 0.0, 0.005, -0.03])
-    pair = ev.paired_difference(differences, resamples=2000)
-    assert (pair["better"], pair["worse"], pair["same"]) == (3, 1, 1)
-    assert pair["mean"] == pytest.approx(-0.011)
-    low, high = pair["bootstrap_95"]
-    assert -0.03 <= low < pair["mean"] < high <= 0.005
-    assert ev.paired_difference(differences, resamples=2000) == pair  # seeded
-    *_, report = evaluation  # the report's numbers are those of its images
+def test_paired_difference_is_that_of_the_images(evaluation):
+    *_, report = evaluation
     rows, budgets = report["images"], report["budgets"]
     comparison, target = report["adaptive"]["comparison"], report["adaptive"]["target_level"]
     per_image = [row["l1"][budgets.index(row["chosen_tokens"][target])] - row["l1"][budgets.index(
@@ -305,7 +195,7 @@ def test_adaptive_choices_equal_encode(evaluation, tok_a, image_folder):
             decoded = tok_a.decode(result)
             inputs = load_images(paths, tok_a.config.image_size)
             chosen_l1 = [row["l1"][budgets.index(row["chosen_tokens"][index])] for row in subset]
-            assert ev.l1_error(decoded, inputs).tolist() == pytest.approx(chosen_l1, abs=error_atol(tok_a))
+            assert metrics.l1_error(decoded, inputs).tolist() == pytest.approx(chosen_l1, abs=error_atol(tok_a))
     all_l1 = [row["l1"][budgets.index(row["chosen_tokens"][target])] for row in rows]
     assert np.mean(all_l1) == pytest.approx(levels[target]["mean_l1"])
 
@@ -318,9 +208,9 @@ def test_complexity_section(evaluation):
     complexity = [image["complexity"] for image in report["images"]]
     l1_fixed = [image["l1"][-1] for image in report["images"]]
     assert cx["fixed_budget"] == 96
-    assert cx["spearman_l1_at_fixed_budget_vs_complexity"] == pytest.approx(ev.spearman(l1_fixed, complexity))
+    assert cx["spearman_l1_at_fixed_budget_vs_complexity"] == pytest.approx(spearman(l1_fixed, complexity))
     lengths = [image["chosen_tokens"][report["adaptive"]["target_level"]] for image in report["images"]]
-    expected = ev.spearman(lengths, complexity)
+    expected = spearman(lengths, complexity)
     if math.isnan(expected):
         assert cx["spearman_length_vs_complexity"] is None  # NaN (constant lengths) is written as null
     else:
@@ -330,8 +220,8 @@ def test_complexity_section(evaluation):
 
 def test_figures_are_pngs(evaluation):
     *_, out_dir, report = evaluation
-    assert set(report["figures"].values()) == set(ev.FIGURES.values())
-    for name in ev.FIGURES.values():
+    assert set(report["figures"].values()) == set(FIGURES.values())
+    for name in FIGURES.values():
         path = out_dir / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(path) as image:
@@ -357,7 +247,7 @@ def test_given_thresholds_and_max_images(converted_dirs, image_folder, tmp_path,
 
 def test_grid_spans_complexity(tok_a, image_folder, tmp_path):
     """With more images than grid rows, the grid shows the least and most complex ones (re-run after the pass)."""
-    report = ev.evaluate_folder(tok_a, image_folder, tmp_path, max_images=2, max_tokens=32, grid_images=1,
+    report = evaluate_folder(tok_a, image_folder, tmp_path, max_images=2, max_tokens=32, grid_images=1,
                                 thresholds=[0.5], progress=False)
     by_complexity = sorted(report["images"], key=lambda row: row["complexity"])
     assert report["grid_images"] == [by_complexity[0]["file"]] != [report["images"][0]["file"]]
@@ -381,3 +271,24 @@ def test_cli_user_errors(case, converted_dirs, image_folder, tmp_path, capsys):
     fragment = {"missing": "no such folder", "empty": "no image files", "thresholds": "--thresholds",
                 "max_images": "positive integer", "max_tokens": "max_tokens"}[case]
     assert fragment in lines[0]
+
+
+def test_sharpness_and_colour_per_budget(tok_a, tmp_path):
+    """The fidelity columns of ``fixed`` are the ``metrics`` measures of the reconstructions over the images."""
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "a_colour.png")
+    Image.fromarray(colour[..., 0]).convert("RGB").save(tmp_path / "b_grey.png")
+    report = evaluate_folder(tok_a, tmp_path, tmp_path / "out", max_tokens=64, grid_images=1, progress=False)
+    assert report["base_ceiling"]["greyscale_images"] == 1
+    inputs = load_images([str(tmp_path / "a_colour.png"), str(tmp_path / "b_grey.png")], tok_a.config.image_size)
+    pixels, _ = tok_a.reconstructions(inputs, max_tokens=64)
+    for i, row in enumerate(report["fixed"]):
+        assert row["sharpness"] == pytest.approx(metrics.set_sharpness(pixels[:, i], inputs), rel=1e-5)
+        assert row["colour_offset"] == pytest.approx(metrics.colour_offset(pixels[:, i], inputs).mean().item(),
+                                                     rel=1e-5)
+        assert row["greyscale_chroma"] == pytest.approx(metrics.chroma(pixels[1:, i]).item(), rel=1e-5)
+    grey_record = report["images"][1]
+    assert grey_record["greyscale"] and len(grey_record["chroma"]) == len(report["budgets"]) + 1  # + the base
+    table = format_table(report)
+    assert "sharpness" in table and "(1 greyscale)" in table

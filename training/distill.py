@@ -42,7 +42,7 @@ from torch import Tensor
 
 from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import ModelConfig
-from adaptive_tokenizer.model import ALITModel
+from adaptive_tokenizer.model import ALITModel, base_reconstruction
 from adaptive_tokenizer.presets import default_model
 from adaptive_tokenizer.serialization import save_model_files
 from adaptive_tokenizer.tokenizer import AdaptiveTokenizer
@@ -51,7 +51,7 @@ from . import loop
 from .alit_init import INIT_SCHEMES, init_alit_weights, start_from
 from .common import (add_common_args, atomic_write_text, autocast, iteration_weights, loss_weight, make_scaler,
                      optimizer_step)
-from adaptive_tokenizer.metrics import chroma, colour_offset, gradient_magnitude, is_greyscale
+from adaptive_tokenizer.metrics import chroma, colour_offset, gradient_magnitude, is_greyscale, l1_error
 
 from .losses import smoothed_cross_entropy
 from .loop import IncompatibleRun, run_main
@@ -209,8 +209,8 @@ def evaluate(model: ALITModel, val: Tensor, batch_size: int = 16, iterations: tu
     for start in range(0, val.shape[0], batch_size):
         x = val[start : start + batch_size].to(model.base.codebook.device)
         features = model.base.encode(x)
-        base_recon = model.base.decode_ids(model.base.code_ids(features)).clamp(0, 1)
-        base_errors.append((base_recon - x).abs().flatten(1).mean(1))
+        base_recon = base_reconstruction(model.base, x, features=features)
+        base_errors.append(l1_error(base_recon, x))
         input_gradients.append(gradient_magnitude(x))
         greyscale.append(is_greyscale(x))
         recons = {"base": base_recon}
@@ -220,7 +220,7 @@ def evaluate(model: ALITModel, val: Tensor, batch_size: int = 16, iterations: tu
         inputs = model.decoder_inputs(ids)
         for t in errors:
             recon = model.reconstruct(model.decoder(inputs[:, : T * (t + 1)])).clamp(0, 1)
-            errors[t].append((recon - x).abs().flatten(1).mean(1))
+            errors[t].append(l1_error(recon, x))
             recons[t] = recon
         for key, recon in recons.items():
             gradients[key].append(gradient_magnitude(recon))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from adaptive_tokenizer.metrics import gradient_magnitude
+from adaptive_tokenizer.metrics import gradient_magnitude, l1_error
+from adaptive_tokenizer.model import base_reconstruction_error
 
 from .data import list_images, load_val_images
 
@@ -47,12 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
             for start in range(0, len(pixels), args.batch_size):
                 x = pixels[start : start + args.batch_size]
                 recon, _ = tok.reconstructions(x)
-                errors.append((recon - x[:, None]).abs().mean((2, 3, 4)))
+                errors.append(l1_error(recon, x[:, None]))
                 gradients.append(gradient_magnitude(recon.flatten(0, 1)).view(recon.shape[:2]))
                 input_gradients.append(gradient_magnitude(x))
-                base = tok.model.base
-                base_recon = base.decode_ids(base.code_ids(base.encode(x))).clamp(0, 1)
-                base_errors.append((base_recon - x).abs().mean((1, 2, 3)))
+                base_errors.append(base_reconstruction_error(tok.model.base, x))
             errors = torch.cat(errors).mean(0)
             T = tok.tokens_per_iteration
             result.update({f"l1_{T * (i + 1)}": round(e.item(), 5) for i, e in enumerate(errors)})

@@ -1,6 +1,7 @@
-"""Losses: L1, MS-SSIM (written here; no pretrained networks), label-smoothed cross-entropy; for sharp, faithful
-reconstructions (stage 3): a patch discriminator trained from scratch with hinge losses and taming's adaptive
-weight, a local gradient-energy term and a colour term built on ``adaptive_tokenizer.metrics``."""
+"""Losses: L1, MS-SSIM (on ``adaptive_tokenizer.metrics.ssim_maps``, the SSIM of the evaluation; no pretrained
+networks), label-smoothed cross-entropy; for sharp, faithful reconstructions (stage 3): a patch discriminator
+trained from scratch with hinge losses and taming's adaptive weight, a local gradient-energy term and a colour
+term built on ``adaptive_tokenizer.metrics``."""
 
 from __future__ import annotations
 
@@ -8,35 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_tokenizer.metrics import chroma_map, gradient_magnitude_map
+from adaptive_tokenizer.metrics import chroma_map, gradient_magnitude_map, ssim_maps
 
 # Wang et al. 2003 scale weights; fewer scales use the first ones, renormalised.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-
-
-def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> Tensor:
-    coords = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g.to(dtype)[None, None, None, :].expand(channels, 1, 1, size).contiguous()
-
-
-def _blur(x: Tensor, window: Tensor) -> Tensor:
-    """Separable Gaussian filter, 'valid' borders."""
-    channels = x.shape[1]
-    x = F.conv2d(x, window, groups=channels)
-    return F.conv2d(x, window.transpose(2, 3), groups=channels)
-
-
-def _ssim_parts(x: Tensor, y: Tensor, window: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = _blur(x, window), _blur(y, window)
-    sxx = _blur(x * x, window) - mu_x**2
-    syy = _blur(y * y, window) - mu_y**2
-    sxy = _blur(x * y, window) - mu_x * mu_y
-    cs = (2 * sxy + c2) / (sxx + syy + c2)
-    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    return (luminance * cs).flatten(1).mean(1), cs.flatten(1).mean(1)
 
 
 def ms_ssim(x: Tensor, y: Tensor, scales: int | None = None, window_size: int = 7, sigma: float = 1.5,
@@ -52,14 +28,13 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int | None = None, window_size: int = 
     scales = min(scales or max_scales, max_scales)
     weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
     weights = weights / weights.sum()
-    window = _gaussian_window(window_size, sigma, x.shape[1], x.device, x.dtype)
     values = []
     for scale in range(scales):
-        ssim, cs = _ssim_parts(x, y, window, data_range)
+        ssim, cs = ssim_maps(x, y, window_size=window_size, sigma=sigma, data_range=data_range)
         if scale == scales - 1:
-            values.append(ssim.clamp_min(1e-6))
+            values.append(ssim.flatten(1).mean(1).clamp_min(1e-6))
         else:
-            values.append(cs.clamp_min(1e-6))
+            values.append(cs.flatten(1).mean(1).clamp_min(1e-6))
             x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
     stacked = torch.stack(values, dim=1)  # [N, scales]
     return torch.exp((stacked.log() * weights).sum(1))

@@ -17,7 +17,7 @@ Rules (each image takes the first length whose quantity is ``<=`` the threshold,
 * ``l1_base``: L1 against the base tokenizer's own reconstruction (the distillation target);
 * ``entropy``: mean entropy (nats) of the decoder's distribution over the base codes.
 
-Bounds, knowing every image's L1 at every length: ``best`` (:func:`adaptive_tokenizer.evaluate.best_allocation`)
+Bounds, knowing every image's L1 at every length: ``best`` (:func:`adaptive_tokenizer.evaluation.best_allocation`)
 and ``best_rho>=0.6``, a seeded random search (simulated annealing, mean length fixed at the target) for the
 lowest mean L1 whose lengths keep Spearman >= 0.6; a search, so an upper bound on that optimum.
 
@@ -36,10 +36,12 @@ import numpy as np
 import torch
 
 from adaptive_tokenizer import AdaptiveTokenizer
-from adaptive_tokenizer.evaluate import (base_reconstruction, best_allocation, choose_iterations, jpeg_complexity,
-                                         l1_error, spearman, TARGET_TOKENS)
+from adaptive_tokenizer.evaluation import TARGET_TOKENS, base_pixels, best_allocation, jpeg_complexity
 from adaptive_tokenizer.image_io import list_image_files, load_images
+from adaptive_tokenizer.length_rules import choose_iterations
+from adaptive_tokenizer.metrics import l1_error
 from adaptive_tokenizer.rollout import IterationRecord, rollout
+from adaptive_tokenizer.stats import spearman
 
 
 def floor_score(error: torch.Tensor, base_error: torch.Tensor, weight: float) -> torch.Tensor:
@@ -50,7 +52,7 @@ def floor_score(error: torch.Tensor, base_error: torch.Tensor, weight: float) ->
 def per_image_curves(tok: AdaptiveTokenizer, inputs: torch.Tensor) -> dict[str, np.ndarray]:
     """``[N, I]`` arrays: ``l1`` (clamped reconstruction against the input, the score), the rules' quantities and
     ``base_error`` ``[N, 1]`` (the base tokenizer's own unclamped L1)."""
-    base = base_reconstruction(tok, inputs)
+    base = base_pixels(tok, inputs)
     records: list[IterationRecord] = []
     with torch.inference_mode():
         rollout(tok.model, inputs.to(device=tok.device, dtype=tok.dtype), tok.config.max_iterations,
@@ -70,7 +72,7 @@ def per_image_curves(tok: AdaptiveTokenizer, inputs: torch.Tensor) -> dict[str, 
 
 def rule_lengths(quantity: np.ndarray, target_units: float) -> np.ndarray:
     """Iteration indices ``[N]`` of the threshold whose mean length (in iterations) is closest to the target (the
-    first such threshold, trying every observed value); the rule itself is ``evaluate.choose_iterations``."""
+    first such threshold, trying every observed value); the rule itself is ``length_rules.choose_iterations``."""
     chosen = choose_iterations(torch.from_numpy(quantity), np.unique(quantity)).numpy()  # [T, N]
     gaps = np.abs((chosen + 1).mean(1) - target_units)
     return chosen[int(np.argmin(gaps))]

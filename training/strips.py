@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from adaptive_tokenizer import AdaptiveTokenizer, metrics
-from adaptive_tokenizer.evaluate import psnr
 from adaptive_tokenizer.image_io import labelled_strip, load_images, to_pil
+from adaptive_tokenizer.metrics import psnr
 
 
 def strip_rows(image_paths: list[str], models: list[tuple[str, AdaptiveTokenizer]],

@@ -33,6 +33,7 @@ from adaptive_tokenizer.base_tokenizer import VQGAN
 from adaptive_tokenizer.codebook import nearest_code
 from adaptive_tokenizer.config import VQGANConfig
 from adaptive_tokenizer.io_utils import write_atomic
+from adaptive_tokenizer.model import base_reconstruction_error
 from adaptive_tokenizer.presets import DEFAULT_BASE
 from adaptive_tokenizer.serialization import load_model_files
 
@@ -137,8 +138,7 @@ def evaluate(model: VQGAN, val: Tensor, batch_size: int = 16) -> dict[str, float
         x = val[start : start + batch_size].to(model.codebook.device)
         ids = model.code_ids(model.encode(x))
         used[ids.flatten().cpu()] = True
-        recon = model.decode_ids(ids).clamp(0, 1)
-        errors.append((recon - x).abs().flatten(1).mean(1).cpu())
+        errors.append(base_reconstruction_error(model, x, code_ids=ids).cpu())
     model.train(was_training)
     return {"val_l1": torch.cat(errors).mean().item(), "val_codes_used": int(used.sum())}
 
