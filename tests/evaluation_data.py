@@ -36,7 +36,7 @@ def synthetic_measurements(num_images: int = 6, iterations: int = 4, *, predicto
 def synthetic_metadata(num_images: int, iterations: int) -> Metadata:
     summary = ModelSummary(image_size=128, latent_kind="quantized", rollout="cached",
                            tokens=TokenRange(min=STEP, max=STEP * iterations, step=STEP, model_max=STEP * iterations),
-                           dynamic_halting=False, dynamic_halting_threshold=0.55, length_predictor=True,
+                           dynamic_halting=False, dynamic_halting_confidence=0.55, length_predictor=True,
                            encoder="256x4", decoder="256x4", codebook_size=4096, parameters={"total": 1},
                            description=None)
     return Metadata(model="synthetic", folder="photos", num_images=num_images, command=None, elapsed_s=1.5,

@@ -204,7 +204,7 @@ def test_complexity_section(evaluation):
     *_, report = evaluation
     cx = report["complexity"]
     target = report["adaptive"]["levels"][report["adaptive"]["target_level"]]
-    assert cx["length_threshold"] == target["threshold"]
+    assert cx["target_error"] == target["threshold"]
     complexity = [image["complexity"] for image in report["images"]]
     l1_fixed = [image["l1"][-1] for image in report["images"]]
     assert cx["fixed_budget"] == 96

@@ -149,7 +149,7 @@ def complexity_section(complexity: np.ndarray, target_lengths: np.ndarray, l1: T
         measure=f"JPEG bytes per pixel (PIL, quality {JPEG_QUALITY}) of the {image_size}px model input",
         mean=float(complexity.mean()), min=float(complexity.min()), max=float(complexity.max()),
         spearman_length_vs_complexity=finite(spearman(target_lengths, complexity)),
-        length_threshold=adaptive.levels[adaptive.target_level].threshold,
+        target_error=adaptive.levels[adaptive.target_level].threshold,
         spearman_l1_vs_complexity={str(b): finite(spearman(l1[:, i].numpy(), complexity))
                                    for i, b in enumerate(budgets)},
         fixed_budget=fixed_budget,

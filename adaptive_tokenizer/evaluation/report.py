@@ -64,7 +64,7 @@ class ModelSummary:
     rollout: str
     tokens: TokenRange
     dynamic_halting: bool
-    dynamic_halting_threshold: float
+    dynamic_halting_confidence: float
     length_predictor: bool
     encoder: str  # width x layers
     decoder: str
@@ -180,7 +180,7 @@ class ComplexityStats:
     min: float
     max: float
     spearman_length_vs_complexity: float | None
-    length_threshold: float
+    target_error: float
     spearman_l1_vs_complexity: dict[str, float | None]  # budget -> Spearman
     fixed_budget: int
     spearman_l1_at_fixed_budget_vs_complexity: float | None

@@ -102,7 +102,7 @@ def _metadata(tok: AdaptiveTokenizer, iterations: int, model_name: str | None, f
     summary = ModelSummary(
         image_size=config.image_size, latent_kind=config.latent_kind, rollout=config.rollout,
         tokens=TokenRange(min=step, max=step * iterations, step=step, model_max=tok.max_tokens),
-        dynamic_halting=config.dynamic_halting, dynamic_halting_threshold=config.dynamic_halting_threshold,
+        dynamic_halting=config.dynamic_halting, dynamic_halting_confidence=config.dynamic_halting_confidence,
         length_predictor=config.length_predictor is not None,
         encoder=f"{config.encoder_width}x{config.encoder_layers}",
         decoder=f"{config.decoder_width}x{config.decoder_layers}",
