@@ -42,7 +42,7 @@ from .length_predictor import LengthPredictor, feature_sizes
 from .length_report import predicted_rule_at_mean_length, threshold_for_mean_length
 from .length_rules import choose_iterations, first_iteration_features
 from .model import ALITModel
-from .rollout import RolloutRun, pixel_error
+from .rollout import RolloutRun, pixel_errors
 
 # The grid searched by default: feature groups x hidden width. (A first look, on 184 corpus images: linear heads
 # and the encoder's features overfit or underfit; the pixel statistics with a small MLP did best.)
@@ -92,7 +92,7 @@ def measure_batch(model: ALITModel, pixels: Tensor, groups: tuple[str, ...] = PR
         logits = run.decode(ids if ids is not None else vectors)
         if halting_confidence is not None:
             run.halt(run.code_prob(logits))
-        errors.append(pixel_error(model.reconstruct(logits).float(), run.pixels.float()).cpu())
+        errors.append(pixel_errors(model, logits, run.pixels).cpu())
     return features, torch.stack(errors, dim=1)
 
 

@@ -180,7 +180,7 @@ class RolloutRun:
 
     def error(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """(unclamped reconstruction ``[n, 3, R, R]`` float32, its mean absolute error ``[n]`` float32)."""
-        reconstruction = self.model.reconstruct(logits).float()
+        reconstruction = reconstruct(self.model, logits)
         return reconstruction, pixel_error(reconstruction, self.pixels.float())
 
     def keep(self, rows: Tensor) -> None:
@@ -197,14 +197,18 @@ def pixel_error(reconstruction: Tensor, pixels: Tensor) -> Tensor:
     return (reconstruction - pixels).abs().mean(dim=(1, 2, 3))
 
 
-PIXEL_DECODE_CHUNK = 4  # images per pixel-decoder call when only errors are wanted (faster on CPU than one batch)
+PIXEL_DECODE_CHUNK = 4  # images per pixel-decoder call: on a CPU, a few at a time is faster than one big batch
+
+
+def reconstruct(model: ALITModel, logits: Tensor) -> Tensor:
+    """Decoder ``logits`` ``[n, G2, K]`` -> unclamped reconstructions ``[n, 3, R, R]`` float32, decoded
+    :data:`PIXEL_DECODE_CHUNK` images at a time."""
+    return torch.cat([model.reconstruct(part).float() for part in logits.split(PIXEL_DECODE_CHUNK)])
 
 
 def pixel_errors(model: ALITModel, logits: Tensor, pixels: Tensor) -> Tensor:
-    """:func:`pixel_error` of the reconstructions from decoder ``logits`` ``[n, G2, K]`` against ``pixels``
-    ``[n, 3, R, R]``, decoded a few images at a time (the reconstructions themselves are not kept)."""
-    return torch.cat([pixel_error(model.reconstruct(part).float(), target.float())
-                      for part, target in zip(logits.split(PIXEL_DECODE_CHUNK), pixels.split(PIXEL_DECODE_CHUNK))])
+    """:func:`pixel_error` of the reconstructions from decoder ``logits`` against ``pixels`` ``[n, 3, R, R]``."""
+    return pixel_error(reconstruct(model, logits), pixels.float())
 
 
 def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_confidence: float | None = None,

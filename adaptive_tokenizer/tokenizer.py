@@ -18,7 +18,7 @@ from .image_io import ImageInput, load_images
 from .io_utils import write_atomic
 from .model import ALITModel
 from .length_rules import LENGTH_RULES, LengthRule, choose_length, missing_predictor_message, predict_errors
-from .rollout import IterationRecord, rollout
+from .rollout import IterationRecord, reconstruct, rollout
 from .serialization import load_model_files, save_model_files
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ class AdaptiveTokenizer:
                     chunk = indices[start : start + self.batch_size]
                     batch = torch.stack([sequences[i] for i in chunk]).to(self.device)
                     logits = self.model.decoder(self.model.decoder_inputs(batch))
-                    pixels = self.model.reconstruct(logits).float().clamp_(0, 1)
+                    pixels = reconstruct(self.model, logits).clamp_(0, 1)
                     for row, index in enumerate(chunk):
                         output[index] = pixels[row]
         return torch.stack(output)  # type: ignore[arg-type]

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaptive_tokenizer import AdaptiveTokenizer, ModelConfig
-from adaptive_tokenizer.cli import main, output_names
+from adaptive_tokenizer.cli import main
+from adaptive_tokenizer.cli.common import output_names
 from adaptive_tokenizer.serialization import TOKEN_FORMAT, load_token_file, save_token_file
 from adaptive_tokenizer.tokenizer import EncodeResult
 
