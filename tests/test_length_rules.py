@@ -72,6 +72,17 @@ def replay_search(row, start, threshold, bisect):
     return search.chosen(), len(search.errors)
 
 
+def test_exact_rule_is_the_first_length_meeting_the_target(tok, pixels):
+    errors, thresholds = thresholds_of(tok, pixels)
+    for threshold in thresholds:
+        result = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule="exact")
+        expected = (choose_iterations(errors, [threshold])[0] + 1) * 8
+        assert result.num_tokens.tolist() == expected.tolist()
+        assert result.predicted_errors is None
+        assert result.errors.tolist() == pytest.approx(errors[range(len(pixels)), expected // 8 - 1].tolist(),
+                                                       abs=1e-6)
+
+
 def test_search_rule_finds_the_exact_length(tok, pixels):
     errors, thresholds = thresholds_of(tok, pixels)
     checked = 0
