@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import measure, models, tokens
-from .common import PROG, USER_ERROR, UsageError, _Parser
-
-# every command registers its own parser (``add_<command>``) next to the function that runs it (``cmd_<command>``)
-COMMANDS = (models.add_convert, tokens.add_encode, tokens.add_tokenize, tokens.add_decode, tokens.add_reconstruct,
-            measure.add_evaluate, models.add_info, models.add_models, models.add_push, models.add_fit_length_predictor,
-            measure.add_bench)
+# importing them registers their commands; --help lists them in this order
+from . import tokens, models, measure  # noqa: F401, I001
+from .common import COMMANDS, PROG, USER_ERROR, UsageError, _Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="ALIT adaptive-length image tokenizer: images <-> variable-length tokens.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add_command in COMMANDS:
-        add_command(sub)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -16,6 +17,27 @@ PROG = "adaptive-tokenizer"
 USER_ERROR = 2
 MODEL_HELP = ("a model name (see `adaptive-tokenizer models`), a Hub repo id org/name[@revision], or a directory "
               "holding config.json + model.safetensors")
+
+
+class Command(NamedTuple):
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's options to its parser
+    run: Callable[[argparse.Namespace], int]  # the command itself; returns the exit status
+
+
+COMMANDS: list[Command] = []  # in the order the command modules register them
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated function as the command ``name`` (``help``: its line in ``--help``; ``arguments``:
+    adds its options)."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS.append(Command(name, help, arguments, run))
+        return run
+
+    return register
 
 
 class UsageError(Exception):

@@ -12,12 +12,10 @@ from ..evaluation import evaluate_folder, format_table, parse_thresholds
 from ..image_io import list_image_files, load_images
 from ..io_utils import refuse_inputs_as_outputs, staged_directory
 from ..tokenizer import AdaptiveTokenizer
-from .common import PROG, UsageError, load_tokenizer, model_label, model_options, parse_device, positive_int
+from .common import PROG, UsageError, command, load_tokenizer, model_label, model_options, parse_device, positive_int
 
 
-def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="quality per token budget and adaptive length on a folder of images: "
-                                        "report.json + PNG figures")
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     model_options(p)
     p.add_argument("folder", metavar="FOLDER", help="folder of images (files directly inside it)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
@@ -26,9 +24,10 @@ def add_evaluate(sub) -> None:
                    help="adaptive halt thresholds (default: chosen so mean lengths span the range, one near 128)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="largest budget evaluated (default: model max)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default: 8)")
-    p.set_defaults(func=cmd_evaluate)
 
 
+@command("evaluate", "quality per token budget and adaptive length on a folder of images: report.json + PNG figures",
+         evaluate_arguments)
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Quality per budget, adaptive length and complexity on a folder: OUT_DIR/report.json + PNG figures."""
 
@@ -53,12 +52,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="speed benchmark: the authors' encode algorithm vs ours, same run")
-    add_bench_arguments(p)
-    p.set_defaults(func=cmd_bench)
-
-
+@command("bench", "speed benchmark: the authors' encode algorithm vs ours, same run",
+         add_bench_arguments)
 def cmd_bench(args: argparse.Namespace) -> int:
     """Speed benchmark (see adaptive_tokenizer/bench.py); the last output line is a JSON summary."""
     try:

@@ -14,11 +14,10 @@ from ..convert import convert_checkpoint
 from ..hub import MODEL_FILES, ModelInfo, file_entry, list_pretrained, load_manifest, resolve
 from ..io_utils import refuse_inputs_as_outputs, staged_directory
 from ..tokenizer import AdaptiveTokenizer
-from .common import MODEL_HELP, collect_images, load_tokenizer, model_options, positive_int
+from .common import MODEL_HELP, collect_images, command, load_tokenizer, model_options, positive_int
 
 
-def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert an authors' .pth checkpoint into a model directory")
+def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT.pth")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--encoder-heads", type=int, metavar="N", help="encoder attention heads (default: from preset)")
@@ -26,9 +25,10 @@ def add_convert(sub) -> None:
     p.add_argument("--no-dynamic-halting", action="store_true", help="never mask confidently predicted 2D tokens")
     p.add_argument("--halting-confidence", type=float, default=0.55, metavar="P",
                    help="dynamic halting probability threshold (default: 0.55)")
-    p.set_defaults(func=cmd_convert)
 
 
+@command("convert", "convert an authors' .pth checkpoint into a model directory",
+         convert_arguments)
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert an authors' checkpoint into a model directory."""
     refuse_inputs_as_outputs([Path(args.out_dir) / name for name in MODEL_FILES], [args.checkpoint])
@@ -46,12 +46,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_info(sub) -> None:
-    p = sub.add_parser("info", help="print a model's config and parameter counts")
-    model_options(p)
-    p.set_defaults(func=cmd_info)
-
-
+@command("info", "print a model's config and parameter counts",
+         model_options)
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the model's config (JSON) and its parameter counts."""
     tok = load_tokenizer(args)
@@ -62,12 +58,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the pretrained models of the weights manifest")
+def models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", metavar="MANIFEST.json", help="another manifest (default: the shipped one)")
-    p.set_defaults(func=cmd_models)
 
 
+@command("models", "list the pretrained models of the weights manifest",
+         models_arguments)
 def cmd_models(args: argparse.Namespace) -> int:
     """List the pretrained models of the weights manifest."""
     manifest = load_manifest(args.manifest) if args.manifest else load_manifest()
@@ -85,8 +81,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_push(sub) -> None:
-    p = sub.add_parser("push", help="publish a model to a Hub repo (config, weights, model card)")
+def push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("repo_id", metavar="ORG/NAME")
     p.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if needed (default: main)")
@@ -95,9 +90,10 @@ def add_push(sub) -> None:
     for flag in ("description", "license", "training-data", "recipe"):
         p.add_argument(f"--{flag}", metavar="TEXT",
                        help=f"model card {flag.replace('-', ' ')} (default: from the manifest entry)")
-    p.set_defaults(func=cmd_push)
 
 
+@command("push", "publish a model to a Hub repo (config, weights, model card)",
+         push_arguments)
 def cmd_push(args: argparse.Namespace) -> int:
     """Publish a model to a Hub repo with a model card, download it back, print its manifest location and files."""
     tok = AdaptiveTokenizer.from_pretrained(args.model)
@@ -114,9 +110,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_fit_length_predictor(sub) -> None:
-    p = sub.add_parser("fit-length-predictor", help="fit a length predictor (length_rule='predicted') for a "
-                       "model on photos; writes the model with it")
+def fit_length_predictor_arguments(p: argparse.ArgumentParser) -> None:
     model_options(p)
     p.add_argument("inputs", nargs="+", metavar="PHOTOS", help="image files or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the model with its predictor")
@@ -129,9 +123,11 @@ def add_fit_length_predictor(sub) -> None:
                    help="optimizer steps per candidate head (default: 1500)")
     p.add_argument("--measurements", metavar="FILE.safetensors",
                    help="cache of the measured errors: written after measuring, read instead of measuring again")
-    p.set_defaults(func=cmd_fit_length_predictor)
 
 
+@command("fit-length-predictor", "fit a length predictor (length_rule='predicted') for a model on photos; writes the "
+                                 "model with it",
+         fit_length_predictor_arguments)
 def cmd_fit_length_predictor(args: argparse.Namespace) -> int:
     """Fit a length predictor for a model on a set of photos and write the model with it."""
     from ..fit_length_predictor import fit_length_predictor
@@ -146,5 +142,6 @@ def cmd_fit_length_predictor(args: argparse.Namespace) -> int:
         (report["selected"]["features"], report["selected"]["hidden"]))]
     print(f"fitted a length predictor on {report['num_train_views']} views; held out {report['num_val_images']} "
           f"images: lengths within one iteration of the exact rule {chosen['within_one']:.1%}, same "
-          f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f}; safety margin {report['selected']['margin']:g} -> {args.output}")
+          f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f}; safety margin {report['selected']['margin']:g} "
+          f"-> {args.output}")
     return 0

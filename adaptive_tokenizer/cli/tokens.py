@@ -15,8 +15,8 @@ from ..io_utils import png_bytes, refuse_inputs_as_outputs, staged_directory, wr
 from ..length_rules import LENGTH_RULES
 from ..serialization import load_token_file, save_token_file
 from ..tokenizer import AdaptiveTokenizer, EncodeResult
-from .common import (UsageError, collect_images, load_tokenizer, model_label, model_options, output_names,
-                     parse_device, positive_int, MODEL_HELP)
+from .common import (MODEL_HELP, UsageError, collect_images, command, load_tokenizer, model_label, model_options,
+                     output_names, parse_device, positive_int)
 
 
 def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
@@ -38,8 +38,7 @@ def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, 
                         predicted_errors=torch.cat(predicted) if predicted else None)
 
 
-def add_encode(sub) -> None:
-    p = sub.add_parser("encode", help="encode images (files or folders) into one token file")
+def encode_arguments(p: argparse.ArgumentParser) -> None:
     model_options(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
@@ -53,9 +52,10 @@ def add_encode(sub) -> None:
                         "answer), search (decode around the predicted length), predicted (the model's length "
                         "predictor alone, no decoding)")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default: 16)")
-    p.set_defaults(func=cmd_encode)
 
 
+@command("encode", "encode images (files or folders) into one token file",
+         encode_arguments)
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode images into one token file."""
     sources = collect_images(args.inputs)
@@ -72,9 +72,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_tokenize(sub) -> None:
-    p = sub.add_parser("tokenize", help="tokenize a dataset (folder or list of images) into resumable Parquet shards; "
-                                        "exit status 3 when some inputs could not be read")
+def tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="folder of images (searched recursively) or a text file listing "
                                                     "image paths, one per line")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="Parquet shards, index.json and errors.jsonl; rerun the "
@@ -98,9 +96,11 @@ def add_tokenize(sub) -> None:
                    help="ray: CPUs reserved per actor, fractions allowed (default: 0.5)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
                    help="ray: GPUs per actor (default: 0, CPU actors); > 0 runs the model on CUDA")
-    p.set_defaults(func=cmd_tokenize)
 
 
+@command("tokenize", "tokenize a dataset (folder or list of images) into resumable Parquet shards; exit status 3 "
+                     "when some inputs could not be read",
+         tokenize_arguments)
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Tokenize a dataset into resumable Parquet shards (adaptive_tokenizer/tokenize_dataset.py)."""
     try:
@@ -120,15 +120,15 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return summary.exit_status
 
 
-def add_decode(sub) -> None:
-    p = sub.add_parser("decode", help="decode a token file into PNG images")
+def decode_arguments(p: argparse.ArgumentParser) -> None:
     model_options(p)
     p.add_argument("tokens", metavar="TOKENS.safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT_FOLDER")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default: 16)")
-    p.set_defaults(func=cmd_decode)
 
 
+@command("decode", "decode a token file into PNG images",
+         decode_arguments)
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode a token file into one PNG per image."""
     sequences, sources = load_token_file(args.tokens)
@@ -155,15 +155,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_reconstruct(sub) -> None:
-    p = sub.add_parser("reconstruct", help="PNG strip of an image's reconstruction at every token budget")
+def reconstruct_arguments(p: argparse.ArgumentParser) -> None:
     model_options(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-o", "--output", required=True, metavar="STRIP.png")
     p.add_argument("--max-tokens", type=int, metavar="N", help="largest budget shown (default: model max)")
-    p.set_defaults(func=cmd_reconstruct)
 
 
+@command("reconstruct", "PNG strip of an image's reconstruction at every token budget",
+         reconstruct_arguments)
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Write a strip: the preprocessed input, then the reconstruction at every budget."""
     refuse_inputs_as_outputs([args.output], [args.image])
