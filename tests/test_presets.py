@@ -2,6 +2,7 @@
 
 import pytest
 
+import adaptive_tokenizer
 from adaptive_tokenizer import config, presets
 from adaptive_tokenizer.config import ModelConfig, VQGANConfig
 from adaptive_tokenizer.model import ALITModel
@@ -11,6 +12,7 @@ from adaptive_tokenizer.presets import (ALIT_SMALL, AUTHORS_SIZES, DEFAULT_BASE,
 
 def test_list_presets_names_every_preset_sorted():
     assert list_presets() == ["alit_small", "default"]
+    assert adaptive_tokenizer.list_presets is list_presets and adaptive_tokenizer.get_preset is get_preset
 
 
 @pytest.mark.parametrize("name", list_presets())
