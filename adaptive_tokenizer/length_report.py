@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .length_rules import LengthSearch, choose_iterations
+from .length_rules import SEARCH_START_MARGIN, LengthSearch, choose_iterations
 from .stats import spearman
 
 
@@ -123,7 +123,7 @@ def rules_report(errors: Tensor, l1: Tensor, predicted: Tensor | None, complexit
     reached = (errors <= torch.tensor(exact_threshold, dtype=errors.dtype)).any(dim=1)
     exact_decodes = torch.where(reached, exact + 1, torch.full_like(exact, len(budgets)))
     report["exact"]["decodes_per_image"] = float(exact_decodes.double().mean())
-    starts = (choose_iterations(predicted * (1 + margin), [exact_threshold])[0] if predicted is not None
+    starts = (choose_iterations(predicted * (1 + SEARCH_START_MARGIN), [exact_threshold])[0] if predicted is not None
               else torch.full((len(errors),), (len(budgets) - 1) // 2))
     search, decodes = search_choices(errors, starts.tolist(), exact_threshold, bisect=predicted is None)
     report["search"] = {**rule_summary(search, errors, l1, exact_threshold, complexity, budgets),
