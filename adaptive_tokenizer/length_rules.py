@@ -189,7 +189,8 @@ class LengthSearch:
         return [k - 1]  # walk down from the predictor's length
 
     def _lowest_error_probes(self) -> list[int]:
-        """No length meets the target: walk down from the longest until the error has risen ``patience`` times."""
+        """No length meets the target: walk down from the longest until the error has risen ``patience`` times in a
+        row. The lengths it must see before it can stop are decoded together (no more than one at a time would)."""
         lowest = self.num_iterations - 1
         while lowest - 1 in self.errors:
             lowest -= 1
@@ -199,7 +200,10 @@ class LengthSearch:
                 best, rises = self.errors[t], 0
             else:
                 rises += 1
-        return [] if lowest == 0 or rises >= self.patience else [lowest - 1]
+        if lowest == 0 or rises >= self.patience:
+            return []
+        below = range(lowest - 1, max(lowest - 1 - (self.patience - rises), -1), -1)
+        return [t for t in below if t not in self.errors]
 
     def chosen(self) -> int:
         """The decided iteration index: the first length meeting the target, else the (first) lowest-error one."""
