@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .length_rules import SEARCH_START_MARGIN, LengthSearch, choose_iterations
+from .length_rules import LengthSearch, choose_iterations, predicted_choice, search_starts
 from .stats import spearman
 
 
@@ -123,15 +123,14 @@ def rules_report(errors: Tensor, l1: Tensor, predicted: Tensor | None, complexit
     reached = (errors <= torch.tensor(exact_threshold, dtype=errors.dtype)).any(dim=1)
     exact_decodes = torch.where(reached, exact + 1, torch.full_like(exact, len(budgets)))
     report["exact"]["decodes_per_image"] = float(exact_decodes.double().mean())
-    starts = (choose_iterations(predicted * (1 + SEARCH_START_MARGIN), [exact_threshold])[0] if predicted is not None
-              else torch.full((len(errors),), (len(budgets) - 1) // 2))
-    search, decodes = search_choices(errors, starts.tolist(), exact_threshold, bisect=predicted is None)
+    starts = search_starts(predicted, exact_threshold, len(errors), len(budgets))
+    search, decodes = search_choices(errors, starts, exact_threshold, bisect=predicted is None)
     report["search"] = {**rule_summary(search, errors, l1, exact_threshold, complexity, budgets),
                         "decodes_per_image": float(decodes.double().mean()),
                         "same_length_as_exact": float((search == exact).double().mean())}
     if predicted is not None:
         own = predicted_rule_at_mean_length(predicted, errors, budgets, target_tokens, margin)
-        at_exact = choose_iterations(predicted * (1 + margin), [exact_threshold])[0]
+        at_exact = predicted_choice(predicted, exact_threshold, margin)
         report["predicted"] = {
             **rule_summary(own["chosen"], errors, l1, own["threshold"], complexity, budgets),
             "margin": margin, "fixed_budget": own["fixed_budget"], "fixed_share_meeting_target": own["fixed_share"],

@@ -213,6 +213,14 @@ class LengthSearch:
         return min(self.errors, key=lambda t: (self.errors[t], t))
 
 
+def search_starts(predicted: Tensor | None, target_error: float, batch: int, num_iterations: int) -> list[int]:
+    """Where the search starts for each image: the predicted length leaning short (``SEARCH_START_MARGIN``) given
+    the predictor's estimates ``[N, I]``, else the middle length (bisection)."""
+    if predicted is None:
+        return [(num_iterations - 1) // 2] * batch
+    return predicted_choice(predicted, target_error, SEARCH_START_MARGIN).tolist()
+
+
 def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
                    halting_confidence: float | None = None) -> RolloutOutput:
     """The ``"search"`` rule: encode, then decode only the lengths needed to find where the error crosses the
@@ -220,12 +228,10 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target
     batch = pixels.shape[0]
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     latents = run.encode_step()
-    if model.length_predictor is not None:
-        predicted = _predicted_errors(model, run, latents, num_iterations).float().cpu()
-        starts = predicted_choice(predicted, target_error, SEARCH_START_MARGIN).tolist()
-    else:
-        starts = [(num_iterations - 1) // 2] * batch
-    searches = [LengthSearch(s, num_iterations, target_error, bisect=model.length_predictor is None) for s in starts]
+    predicted = (_predicted_errors(model, run, latents, num_iterations).float().cpu()
+                 if model.length_predictor is not None else None)
+    starts = search_starts(predicted, target_error, batch, num_iterations)
+    searches = [LengthSearch(s, num_iterations, target_error, bisect=predicted is None) for s in starts]
     step_tokens: list[Tensor] = []  # per iteration: tokens [N, L_t] of every image
 
     def encode_through(iteration: int) -> None:
