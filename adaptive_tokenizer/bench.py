@@ -208,63 +208,86 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
 
 
 def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: int, repeats: int = 1,
-                        print_fn: Callable[[str], None] = print) -> dict:
-    """The length rules side by side on a trained model and real images ``pixels`` ``[N, 3, R, R]`` (one batch):
-    the authors' algorithm, the exact rule (a decode at every iteration up to each image's length), the search
-    rule, the predicted rule (the model needs a length predictor) and a fixed budget of about the same mean length.
-    Targets: the exact rule's at ``target_tokens`` mean tokens (also the search's), and the predicted rule's own.
+                        batch: int | None = None, print_fn: Callable[[str], None] = print) -> dict:
+    """The length rules side by side on a trained model and real images ``pixels`` ``[N, 3, R, R]``, all of them,
+    in batches of ``batch`` (default: one batch): the authors' algorithm, the exact rule (a decode at every
+    iteration up to each image's length), the search rule, the predicted rule (the model needs a length predictor)
+    and a fixed budget of about the same mean length. Targets: the exact rule's at ``target_tokens`` mean tokens
+    over all images (also the search's), and the predicted rule's own.
     Prints a table and one JSON line with the ratios of images/s; returns the JSON."""
     from .length_report import threshold_for_mean_length
     from .length_rules import choose_length, predict_errors
 
     torch.set_num_threads(threads)
-    model, device, batch = tok.model, tok.device, len(pixels)
-    pixels = pixels.to(device)
+    model, device, count = tok.model, tok.device, len(pixels)
+    batch = batch or count
+    batches = pixels.to(device).split(batch)
     per, iterations = model.config.tokens_per_iteration, model.config.max_iterations
     budgets = [per * (i + 1) for i in range(iterations)]
     _, errors = tok.reconstructions(pixels)
     exact_e = threshold_for_mean_length(errors, budgets, target_tokens)
     halting = model.config.dynamic_halting_confidence if model.config.dynamic_halting else None
     results: list[Measurement] = []
-    reference, _ = measure("reference (authors' encode)", lambda: reference_encode(model, pixels, exact_e), batch,
-                           device, repeats, "every length decoded, batch-level length")
+
+    def lengths_of(rule: str, threshold: float) -> torch.Tensor:
+        return torch.cat([choose_length(model, part, iterations, threshold, rule, halting_confidence=halting)
+                          .num_iterations for part in batches])
+
+    reference, _ = measure("reference (authors' encode)",
+                           lambda: [reference_encode(model, part, exact_e) for part in batches], count, device,
+                           repeats, "every length decoded, batch-level length")
     results.append(reference)
     outs = {}
     rules = [("exact", exact_e), ("search", exact_e)]
     if model.length_predictor is not None:
         with torch.inference_mode():
-            predicted = predict_errors(model, pixels).cpu()
+            predicted = torch.cat([predict_errors(model, part).cpu() for part in batches])
         margin = model.length_predictor.margin  # the rule compares estimate x (1 + margin) with the target
         rules.append(("predicted", threshold_for_mean_length(predicted * (1 + margin), budgets, target_tokens)))
     for rule, threshold in rules:
-        m, outs[rule] = measure(rule, lambda r=rule, e=threshold: choose_length(model, pixels, iterations, e, r,
-                                                                                 halting_confidence=halting),
-                                batch, device, repeats, f"target {threshold:.4f}")
-        m.note += f", mean {per * float(outs[rule].num_iterations.double().mean()):.1f} tokens"
+        m, outs[rule] = measure(rule, lambda r=rule, e=threshold: lengths_of(r, e), count, device, repeats,
+                                f"target {threshold:.4f}")
+        m.note += f", mean {per * float(outs[rule].double().mean()):.1f} tokens"
         results.append(m)
     basis = "predicted" if "predicted" in outs else "exact"  # the fixed budget of about its mean length
-    mean_iterations = float(outs[basis].num_iterations.double().mean())
+    mean_iterations = float(outs[basis].double().mean())
     fixed_budget = per * max(1, round(mean_iterations))
-    fixed, _ = measure(f"fixed {fixed_budget}", lambda: rollout(model, pixels, fixed_budget // per,
-                                                                  halting_confidence=halting), batch, device, repeats)
+    fixed, _ = measure(f"fixed {fixed_budget}", lambda: [rollout(model, part, fixed_budget // per,
+                                                                   halting_confidence=halting) for part in batches],
+                       count, device, repeats)
     results.append(fixed)
-    speed = {m.name: m.images_per_s for m in results}
+    summary = rules_summary(results, outs, count, batch, threads, device, target_tokens, fixed_budget)
+    print_table(results, print_fn)
+    print_fn(json.dumps(summary))
+    return summary
+
+
+def print_table(results: list[Measurement], print_fn: Callable[[str], None]) -> None:
+    """The rules benchmark's table: images/s of each measurement and its ratio to the first (the reference)."""
+    reference = results[0].images_per_s
     print_fn(f"{'what':<28} {'images/s':>10} {'vs reference':>13}  note")
     for m in results:
-        print_fn(f"{m.name:<28} {m.images_per_s:>10.3f} {m.images_per_s / reference.images_per_s:>12.2f}x  {m.note}")
-    summary = {"mode": "rules", "batch": batch, "threads": threads, "device": str(device), "target_tokens": target_tokens,
+        print_fn(f"{m.name:<28} {m.images_per_s:>10.3f} {m.images_per_s / reference:>12.2f}x  {m.note}")
+
+
+def rules_summary(results: list[Measurement], lengths: dict[str, torch.Tensor], count: int, batch: int, threads: int,
+                  device: torch.device, target_tokens: int, fixed_budget: int) -> dict:
+    """The rules benchmark's JSON line: ratios of images/s measured in the same run, and whether the search gave
+    the exact rule's lengths (``lengths``: each rule's iterations per image)."""
+    speed = {m.name: m.images_per_s for m in results}
+    reference, fixed = results[0].images_per_s, results[-1].images_per_s
+    summary = {"mode": "rules", "images": count, "batch": batch, "threads": threads, "device": str(device),
+               "target_tokens": target_tokens,
                "search_vs_exact": round(speed["search"] / speed["exact"], 3),
-               "search_same_lengths_as_exact": float((outs["search"].num_iterations ==
-                                                      outs["exact"].num_iterations).double().mean()),
-               "exact_vs_reference": round(speed["exact"] / reference.images_per_s, 3),
+               "search_same_lengths_as_exact": float((lengths["search"] == lengths["exact"]).double().mean()),
+               "exact_vs_reference": round(speed["exact"] / reference, 3),
                "fixed_budget": fixed_budget,
                "images_per_s": {name: round(value, 4) for name, value in speed.items()}}
-    if "predicted" in outs:
+    if "predicted" in lengths:
         summary.update({"predicted_vs_exact": round(speed["predicted"] / speed["exact"], 3),
                         "predicted_vs_search": round(speed["predicted"] / speed["search"], 3),
-                        "predicted_vs_reference": round(speed["predicted"] / reference.images_per_s, 3),
-                        "predicted_vs_fixed": round(speed["predicted"] / fixed.images_per_s, 3)})
-    print_fn(json.dumps(summary))
+                        "predicted_vs_reference": round(speed["predicted"] / reference, 3),
+                        "predicted_vs_fixed": round(speed["predicted"] / fixed, 3)})
     return summary
 
 
@@ -272,7 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=list_presets(), default="default",
                         help="an architecture preset (adaptive_tokenizer.presets): alit_small (the authors' size) or "
                              "default (the embedded default model's architecture)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="images per batch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -283,6 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time the length rules (exact, search, predicted) on a trained model (--model, default "
                              "the embedded one) and the photos of --images, instead of the architecture benchmark")
     parser.add_argument("--model", default=None, help="with --rules: the model (default: the embedded default)")
-    parser.add_argument("--images", default="evaluation/photos", help="with --rules: a folder of photos")
+    parser.add_argument("--images", default="evaluation/photos",
+                        help="with --rules: a folder of photos, all timed, in batches of --batch")
+    parser.add_argument("--limit", type=int, default=None, help="with --rules: only the first N photos of --images")
     parser.add_argument("--no-per-image-check", action="store_true",
                         help="derive the per-image reference choice from the batch run instead of re-running")

@@ -88,7 +88,7 @@ def measure_batch(model: ALITModel, pixels: Tensor, groups: tuple[str, ...] = PR
         latents = run.encode_step()
         if t == 0:
             features = first_iteration_features(model, run, latents, groups).cpu()
-        vectors, ids = run.tokens(latents)
+        vectors, ids = run.all_tokens(latents)
         logits = run.decode(ids if ids is not None else vectors)
         if halting_confidence is not None:
             run.halt(run.code_prob(logits))

@@ -10,7 +10,8 @@ find it:
 * ``"search"``: run the encoder, then decode only where the answer can be: start at the length the model's length
   predictor expects (bisection when it has none) and step until a length meets ``E`` while the next shorter one
   does not; when not even the longest length meets ``E``, walk down from it to the lowest error
-  (:class:`LengthSearch`). It returns the exact rule's length whenever the lengths meeting ``E`` form one
+  (:class:`LengthSearch`). The encoder runs one iteration at a time, and an image leaves its batch once its answer
+  is known to be no longer. It returns the exact rule's length whenever the lengths meeting ``E`` form one
   unbroken run and an unreachable image's error does not fall again after rising twice (seen from the longest
   length down): every photo measured so far. Fewer decodes where images reach ``E``; as many where they do not.
 * ``"predicted"``: the length predictor (``length_predictor.py``) estimates every length's error from what the
@@ -126,7 +127,7 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, tar
         finishing = stop[run.active.cpu()] == t
         finishing_rows = finishing.nonzero()[:, 0]
         if halting_confidence is not None and not bool(finishing.all()):  # the others go on: halt them
-            vectors, ids = run.tokens(latents)
+            vectors, ids = run.all_tokens(latents)
             step_tokens = ids if ids is not None else vectors
             run.halt(run.code_prob(run.decode(step_tokens)))
             step_tokens = step_tokens[finishing_rows.to(latents.device)]
@@ -205,6 +206,12 @@ class LengthSearch:
         below = range(lowest - 1, max(lowest - 1 - (self.patience - rises), -1), -1)
         return [t for t in below if t not in self.errors]
 
+    def longest_needed(self) -> int:
+        """The longest iteration index this search may still decode: below its shortest passing length once one
+        is known (the answer cannot be longer), else the longest."""
+        passes = [t for t, e in self.errors.items() if e <= self.target_error]
+        return min(passes) if passes else self.num_iterations - 1
+
     def chosen(self) -> int:
         """The decided iteration index: the first length meeting the target, else the (first) lowest-error one."""
         passes = [t for t, e in self.errors.items() if e <= self.target_error]
@@ -215,54 +222,78 @@ class LengthSearch:
 
 def search_starts(predicted: Tensor | None, target_error: float, batch: int, num_iterations: int) -> list[int]:
     """Where the search starts for each image: the predicted length leaning short (``SEARCH_START_MARGIN``) given
-    the predictor's estimates ``[N, I]``, else the middle length (bisection)."""
+    the predictor's estimates ``[N, I]``, the longest length when no estimate meets the target (the answer is then
+    most likely the lowest error, found walking down from the longest), else the middle length (bisection)."""
     if predicted is None:
         return [(num_iterations - 1) // 2] * batch
-    return predicted_choice(predicted, target_error, SEARCH_START_MARGIN).tolist()
+    leaning_short = predicted * (1 + SEARCH_START_MARGIN)
+    reachable = (leaning_short <= torch.tensor(target_error, dtype=predicted.dtype)).any(dim=1)
+    starts = choose_iterations(leaning_short, [target_error])[0]
+    return torch.where(reachable, starts, torch.full_like(starts, num_iterations - 1)).tolist()
 
 
 def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
                    halting_confidence: float | None = None) -> RolloutOutput:
-    """The ``"search"`` rule: encode, then decode only the lengths needed to find where the error crosses the
-    target, starting from the predictor's length (bisection without a predictor)."""
+    """The ``"search"`` rule: decode only the lengths needed to find where the error crosses the target, starting
+    from the predictor's length (bisection without a predictor). The encoder runs one iteration at a time; the
+    lengths already encoded are decoded first, and an image leaves the encoder's batch once no longer length can
+    be its answer, so images that settle early cost no more encoding."""
     batch = pixels.shape[0]
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
+    all_pixels = run.pixels
     latents = run.encode_step()
     predicted = (_predicted_errors(model, run, latents, num_iterations).float().cpu()
                  if model.length_predictor is not None else None)
     starts = search_starts(predicted, target_error, batch, num_iterations)
     searches = [LengthSearch(s, num_iterations, target_error, bisect=predicted is None) for s in starts]
-    step_tokens: list[Tensor] = []  # per iteration: tokens [N, L_t] of every image
+    step_tokens: list[Tensor] = []  # per iteration t: tokens [n_t, L_t] of the images encoded that far
+    step_rows: list[dict[int, int]] = []  # per iteration t: image -> its row in step_tokens[t]
 
-    def encode_through(iteration: int) -> None:
-        nonlocal latents
-        while len(step_tokens) <= iteration:
-            if step_tokens:
-                latents = run.encode_step()
-            vectors, ids = run.tokens(latents)
-            step_tokens.append(ids if ids is not None else vectors)
-            if halting_confidence is not None and run.iteration < num_iterations:
-                run.halt(run.code_prob(run.decode(step_tokens[-1])))
+    def keep_tokens() -> None:
+        vectors, ids = run.all_tokens(latents)
+        step_tokens.append(ids if ids is not None else vectors)
+        step_rows.append({image: row for row, image in enumerate(run.active.tolist())})
+        if halting_confidence is not None and run.iteration < num_iterations:
+            run.halt(run.code_prob(run.decode(step_tokens[-1])))
 
+    keep_tokens()
     while True:
-        probes = [(image, t) for image, search in enumerate(searches) for t in search.next_probes()]
-        if not probes:
+        probes = {image: search.next_probes() for image, search in enumerate(searches)}
+        ready = [(image, t) for image, ts in probes.items() if ts and max(ts) < len(step_tokens) for t in ts]
+        if ready:
+            for (image, t), value in zip(ready, probe_errors(model, run, ready, step_tokens, step_rows, all_pixels)):
+                searches[image].errors[t] = value
+            continue
+        if not any(probes.values()):
             break
-        encode_through(max(t for _, t in probes))
-        # the decoder per length (sequences of one length together), then the pixel decodes of the whole round
-        probes.sort(key=lambda probe: probe[1])
-        logits = []
-        for t in sorted({t for _, t in probes}):
-            rows = torch.tensor([image for image, p in probes if p == t], device=run.pixels.device)
-            logits.append(run.decode(step_tokens[t][rows]))
-        rows = torch.tensor([image for image, _ in probes], device=run.pixels.device)
-        error = check_finite(pixel_errors(model, torch.cat(logits), run.pixels[rows])).cpu()
-        for (image, t), value in zip(probes, error.tolist()):
-            searches[image].errors[t] = value
-    chosen = torch.tensor([s.chosen() for s in searches], dtype=torch.long)
-    tokens = [step_tokens[int(t)][image].clone() for image, t in enumerate(chosen)]
-    errors = torch.tensor([s.errors[int(t)] for s, t in zip(searches, chosen)], dtype=torch.float32)
-    return RolloutOutput(tokens=tokens, num_iterations=chosen + 1, errors=errors)
+        # nothing to decode yet: encode the next length, for the images that may still need it
+        encoded = len(step_tokens)
+        needed = [row for row, image in enumerate(run.active.tolist()) if searches[image].longest_needed() >= encoded]
+        if len(needed) < len(run.active):
+            run.keep(torch.tensor(needed, dtype=torch.long))
+        latents = run.encode_step()
+        keep_tokens()
+    chosen = [s.chosen() for s in searches]
+    tokens = [step_tokens[t][step_rows[t][image]].clone() for image, t in enumerate(chosen)]
+    errors = torch.tensor([s.errors[t] for s, t in zip(searches, chosen)], dtype=torch.float32)
+    return RolloutOutput(tokens=tokens, num_iterations=torch.tensor(chosen, dtype=torch.long) + 1, errors=errors)
+
+
+def probe_errors(model: ALITModel, run: RolloutRun, probes: list[tuple[int, int]], step_tokens: list[Tensor],
+                 step_rows: list[dict[int, int]], pixels: Tensor) -> list[float]:
+    """The reconstruction errors of ``probes`` ``(image, iteration)``: the decoder per length (sequences of one
+    length together), then the pixel decodes of them all."""
+    order = sorted(range(len(probes)), key=lambda i: probes[i][1])
+    logits = []
+    for t in sorted({t for _, t in probes}):
+        rows = [step_rows[t][probes[i][0]] for i in order if probes[i][1] == t]
+        logits.append(run.decode(step_tokens[t][torch.tensor(rows, device=pixels.device)]))
+    images = torch.tensor([probes[i][0] for i in order], device=pixels.device)
+    error = check_finite(pixel_errors(model, torch.cat(logits), pixels[images])).cpu().tolist()
+    values = [0.0] * len(probes)
+    for position, i in enumerate(order):
+        values[i] = error[position]
+    return values
 
 
 def missing_predictor_message() -> str:

@@ -148,6 +148,8 @@ class RolloutRun:
         self.decoder_queries = model.decoder.normed_queries()
         self.active = torch.arange(pixels.shape[0], device=pixels.device)  # input rows still running
         self.iteration = 0  # the next iteration to run
+        # cached rollout: an earlier block's latents never change, so neither do its tokens (see all_tokens)
+        self.earlier_tokens: tuple[Tensor, Tensor | None] | None = None
 
     def encode_step(self) -> Tensor:
         """Run the next iteration's encoder; return the latents of all tokens so far ``[n, L, W]``."""
@@ -159,6 +161,21 @@ class RolloutRun:
         """Latents -> (token vectors ``[n, L, D]`` float32, ids ``[n, L]`` or None for continuous models)."""
         vectors = self.model.encoder.to_token_vectors(latents).float()
         ids = self.model.quantizer.quantize(vectors) if self.model.quantizer is not None else None
+        return vectors, ids
+
+    def all_tokens(self, latents: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`tokens` of every active image's latents so far ``[n, L, W]`` (what :meth:`encode_step` returned).
+        With the cached rollout only the blocks not seen by an earlier call are computed: the earlier blocks'
+        latents, hence their tokens, never change (the same numbers: each token is computed on its own)."""
+        if self.model.config.rollout != "cached":
+            return self.tokens(latents)
+        done = 0 if self.earlier_tokens is None else self.earlier_tokens[0].shape[1]
+        vectors, ids = self.tokens(latents[:, done:])
+        if self.earlier_tokens is not None:
+            earlier_vectors, earlier_ids = self.earlier_tokens
+            vectors = torch.cat([earlier_vectors, vectors], dim=1)
+            ids = torch.cat([earlier_ids, ids], dim=1) if ids is not None else None
+        self.earlier_tokens = vectors, ids
         return vectors, ids
 
     def decode(self, tokens: Tensor) -> Tensor:
@@ -189,6 +206,9 @@ class RolloutRun:
         self.active, self.pixels = self.active[rows], self.pixels[rows]
         self.base_features = self.base_features[rows]
         self.code_ids = self.code_ids[rows] if self.code_ids is not None else None
+        if self.earlier_tokens is not None:
+            vectors, ids = self.earlier_tokens
+            self.earlier_tokens = vectors[rows], ids[rows] if ids is not None else None
         self.state.select(rows)
 
 
@@ -239,7 +259,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_co
         if not (last or need_logits):
             continue
 
-        vectors, ids = run.tokens(latents)
+        vectors, ids = run.all_tokens(latents)
         step_tokens = ids if ids is not None else vectors
         logits = code_prob = halt_mask = recon = error = None
         if need_logits:

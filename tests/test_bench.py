@@ -34,6 +34,9 @@ def test_benchmark_reports_ratios_and_agreement():
 def test_bench_cli_rejects_bad_budgets(capsys):
     assert main(["bench", "--budgets", "64,x"]) == 2
     assert "budgets" in capsys.readouterr().err
+    for flag in ("--batch", "--limit"):
+        assert main(["bench", "--rules", flag, "0"]) == 2
+        assert f"{flag} must be a positive number of images, got 0" in capsys.readouterr().err
 
 
 def test_bench_cli_takes_the_preset_and_dtype_names_of_the_library(capsys):
@@ -48,7 +51,8 @@ def test_bench_cli_takes_the_preset_and_dtype_names_of_the_library(capsys):
 
 def test_rules_benchmark_times_every_rule_side_by_side():
     """``bench --rules``: the authors' algorithm, the exact, search and predicted rules and a fixed budget in one
-    run, with the ratios of images/s and whether the search found the exact rule's lengths."""
+    run over every image, in batches, with the ratios of images/s and whether the search found the exact rule's
+    lengths."""
     import torch
 
     from adaptive_tokenizer.bench import run_rules_benchmark
@@ -58,8 +62,9 @@ def test_rules_benchmark_times_every_rule_side_by_side():
     tok = tokenizer("cached", False, predictor=True)
     pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     lines = []
-    summary = run_rules_benchmark(tok, pixels, threads=1, target_tokens=16, print_fn=lines.append)
+    summary = run_rules_benchmark(tok, pixels, threads=1, target_tokens=16, batch=3, print_fn=lines.append)
     assert json.loads(lines[-1]) == summary
+    assert (summary["images"], summary["batch"]) == (4, 3)
     for key in ("search_vs_exact", "predicted_vs_exact", "predicted_vs_reference", "predicted_vs_fixed",
                 "exact_vs_reference"):
         assert summary[key] > 0

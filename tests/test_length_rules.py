@@ -16,7 +16,7 @@ import torch
 
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.fit_length_predictor import fit_head, measure_batch, with_predictor
-from adaptive_tokenizer.length_rules import LengthSearch, choose_iterations
+from adaptive_tokenizer.length_rules import LengthSearch, choose_iterations, search_starts
 
 from .test_rollout import Counter, small_model
 
@@ -99,6 +99,29 @@ def test_search_rule_finds_the_exact_length(tok, pixels):
                 assert search.num_tokens[index] == exact.num_tokens[index]
                 assert torch.equal(search.tokens[index], exact.tokens[index])
     assert checked >= len(pixels)
+
+
+def test_search_encodes_an_image_no_further_than_its_answer():
+    """Images that settle early leave the encoder's batch: with a target every image meets at its first length,
+    the search encodes one iteration, decodes it and stops; with a target none meets, every image runs all of them
+    (its answer is the lowest error, found from the longest length)."""
+    tok = tokenizer("cached", False, predictor=True)
+    pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    encoder = Counter(tok.model.encoder.transformer)
+    easy = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=10.0, length_rule="search")
+    settled_early = list(encoder.batch_sizes)
+    encoder.batch_sizes.clear()
+    tok.encode(pixels, max_tokens=BUDGET, halt_threshold=1e-6, length_rule="search")
+    encoder.handle.remove()
+    assert easy.num_tokens.tolist() == [8] * 4 and settled_early == [4]
+    assert encoder.batch_sizes == [4] * 4
+
+
+def test_search_starts_at_the_longest_length_when_no_estimate_meets_the_target():
+    predicted = torch.tensor([[0.5, 0.4, 0.3, 0.2], [0.5, 0.45, 0.46, 0.47], [0.5, 0.4, 0.3, 0.05]])
+    assert search_starts(predicted, 0.1, 3, 4) == [3, 3, 3]  # the first two: none meets 0.1, whatever the argmin
+    assert search_starts(predicted, 0.35, 3, 4) == [2, 3, 2]
+    assert search_starts(None, 0.1, 3, 4) == [1, 1, 1]  # no predictor: bisection from the middle
 
 
 def test_search_on_a_table_reproduces_the_exact_rule_with_fewer_decodes():

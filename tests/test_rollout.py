@@ -6,7 +6,7 @@ import torch
 from adaptive_tokenizer import AdaptiveTokenizer, ModelConfig, VQGANConfig
 from adaptive_tokenizer.model import ALITModel
 from adaptive_tokenizer.latent_model import block_causal_mask
-from adaptive_tokenizer.rollout import rollout
+from adaptive_tokenizer.rollout import RolloutRun, rollout
 
 from .oracle import plain_rollout
 from .tolerances import decode_atol, network_atol
@@ -185,6 +185,27 @@ def test_cached_iteration_encodes_one_block(cached_model, pixels):
         rollout(cached_model, pixels, 4)
     handle.remove()
     assert lengths == [1 + 256 + 8, 8, 8, 8]
+
+
+def test_cached_rollout_computes_each_blocks_tokens_once(cached_model, pixels):
+    """An earlier block's latents never change in the cached rollout, so ``all_tokens`` quantizes only the new
+    block, with the same ids and vectors as quantizing everything so far, also after images leave the batch."""
+    quantized = []
+    quantize = cached_model.quantizer.quantize
+    cached_model.quantizer.quantize = lambda vectors: quantized.append(vectors.shape[1]) or quantize(vectors)
+    try:
+        with torch.inference_mode():
+            run = RolloutRun(cached_model, pixels, 4)
+            for iteration in range(4):
+                latents = run.encode_step()
+                vectors, ids = run.all_tokens(latents)
+                full_vectors, full_ids = run.tokens(latents)
+                assert torch.equal(vectors, full_vectors) and torch.equal(ids, full_ids)
+                if iteration == 1:
+                    run.keep(torch.tensor([0, 2]))
+    finally:
+        cached_model.quantizer.quantize = quantize
+    assert quantized[::2] == [8, 8, 8, 8]  # all_tokens: one block each time (tokens(): everything so far)
 
 
 def test_block_causal_mask_layout():

@@ -61,6 +61,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
     parse_device(args.device)
+    for flag, value in (("--batch", args.batch), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive number of images, got {value}")
     if args.rules:
         from ..bench import run_rules_benchmark
 
@@ -68,8 +71,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths = list_image_files(args.images)
         if not paths:
             raise UsageError(f"no image files in {args.images}")
-        pixels = load_images([str(p) for p in paths[: args.batch]], tok.config.image_size)
-        run_rules_benchmark(tok, pixels, args.threads, args.target_tokens, args.repeats)
+        pixels = load_images([str(p) for p in paths[: args.limit]], tok.config.image_size)
+        run_rules_benchmark(tok, pixels, args.threads, args.target_tokens, args.repeats, batch=args.batch)
         return 0
     run_benchmark(args.size, args.batch, args.threads, args.device, args.dtype, args.repeats, args.target_tokens,
                   budgets, per_image_check=not args.no_per_image_check)
