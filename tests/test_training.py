@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.config import ModelConfig, VQGANConfig
 from adaptive_tokenizer.hub import MANIFEST_PATH
+from adaptive_tokenizer.metrics import grey
 from training import alit_init, distill, evaluate, vq
 from training.ship import ship
 from training.data import list_images, random_crop, split_files
@@ -66,6 +67,16 @@ def test_split_and_crops(image_folder):
     assert sorted(split_files(list(reversed(names)), 0.1)[1]) == sorted(val)  # depends on names only
     crop = random_crop(torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8), 16, 32, 0.6, random.Random(0))
     assert crop.shape == (3, 16, 16) and 0 <= crop.min() and crop.max() <= 1
+    # --grey-fraction: that share of crops in greyscale (luma in every channel); 0 draws nothing, so runs resume as before
+    colour = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8)
+    assert torch.equal(random_crop(colour, 16, 32, 0.6, random.Random(0), grey_fraction=0.0),
+                       random_crop(colour, 16, 32, 0.6, random.Random(0)))
+    greyed = random_crop(colour, 16, 32, 0.6, random.Random(0), grey_fraction=1.0)
+    assert torch.equal(greyed[0], greyed[1]) and torch.equal(greyed[1], greyed[2])
+    assert torch.allclose(greyed[0], grey(random_crop(colour, 16, 32, 0.6, random.Random(0))[None])[0, 0])
+    shares = [bool(random_crop(colour, 8, 32, 0.6, random.Random(seed), grey_fraction=0.25).std(0).max() == 0)
+              for seed in range(400)]
+    assert 0.18 < sum(shares) / 400 < 0.32
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(ms_ssim(x, x), torch.ones(2)) and (ms_ssim(x, torch.rand_like(x)) < 0.5).all()
 

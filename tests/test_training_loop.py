@@ -172,6 +172,9 @@ def test_errors_raise_from_train_and_become_exit_codes_in_main(images, tmp_path,
     with pytest.raises(SystemExit) as exited:
         main(argv(tmp_path / "empty", tmp_path / "other"))
     assert exited.value.code == 2 and "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # and a fraction outside [0, 1]
+        main(argv(images, tmp_path / "third", "--grey-fraction", "1.5"))
+    assert exited.value.code == 2 and "--grey-fraction is a fraction of training crops" in capsys.readouterr().err
 
     # anything unexpected is not a clean stop: it propagates out of main() (Python's exit code 1), the signal
     # handlers are restored, no checkpoint is written over the last good one

@@ -79,6 +79,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cache", type=int, default=20000,
                         help="cache decoded images in RAM when the training set has at most this many files")
     parser.add_argument("--workers", type=int, default=0, help="loader processes when not cached")
+    parser.add_argument("--grey-fraction", type=float, default=0.0,
+                        help="make this fraction of training crops greyscale (the corpus has 2%% greyscale photos)")
     parser.add_argument("--min-scale", type=float, default=0.6,
                         help="random-scale crops cover this..1 of the short side (at model scale)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")

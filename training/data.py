@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from adaptive_tokenizer.image_io import IMAGE_SUFFIXES, open_image, pil_to_tensor, to_rgb
+from adaptive_tokenizer.metrics import grey
 
 from .common import atomic_write_text, file_list_hash
 
@@ -105,12 +106,15 @@ def decode_short_side(path: Path, side: int) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def random_crop(image: Tensor, size: int, ref_size: int, min_scale: float, gen: random.Random) -> Tensor:
+def random_crop(image: Tensor, size: int, ref_size: int, min_scale: float, gen: random.Random,
+                grey_fraction: float = 0.0) -> Tensor:
     """Random-scale square crop + flip of a uint8 ``[3, h, w]`` image -> float ``[3, size, size]`` in [0, 1].
 
     The image is taken at model scale (short side = ``ref_size``, as at inference); the crop covers a fraction
     ``f ~ U(min_scale, 1)`` of the short side times ``size / ref_size`` (so ``size < ref_size`` gives patches at
-    the inference pixel scale), at a random position.
+    the inference pixel scale), at a random position. With probability ``grey_fraction`` the crop is made greyscale
+    (its luma, :func:`adaptive_tokenizer.metrics.grey`, in all three channels), so that the model sees greyscale
+    photos more often than the corpus' 2%; at 0 no random number is drawn for it (runs resume as before).
     """
     _, h, w = image.shape
     side = max(1, min(h, w, round(gen.uniform(min_scale, 1.0) * min(h, w) * size / ref_size)))
@@ -121,6 +125,8 @@ def random_crop(image: Tensor, size: int, ref_size: int, min_scale: float, gen: 
     crop = crop[0].clamp_(0, 1)
     if gen.random() < 0.5:
         crop = crop.flip(-1)
+    if grey_fraction > 0 and gen.random() < grey_fraction:
+        crop = grey(crop[None])[0].expand(3, -1, -1).contiguous()
     return crop
 
 
@@ -134,8 +140,9 @@ class TrainImages:
 
     def __init__(self, folder: str | os.PathLike, names: list[str], size: int, ref_size: int, batch_size: int,
                  min_scale: float, seed: int, cache_side: int = 192, max_cache: int = 20000, workers: int = 0,
-                 log=print):
+                 log=print, grey_fraction: float = 0.0):
         self.root, self.names, self.size, self.ref_size = Path(folder), names, size, ref_size
+        self.grey_fraction = grey_fraction
         self.batch_size, self.min_scale, self.cache_side, self.workers = batch_size, min_scale, cache_side, workers
         self.gen = random.Random(seed)
         self.epoch, self.position = 0, 0
@@ -183,10 +190,11 @@ class TrainImages:
         seeds = [self.gen.randint(0, 2**31) for _ in indices]
         if self.cache is None and self.workers > 0:
             batch = self._pool().map(_load_crop, [(self.root / self.names[i], self.cache_side, self.size,
-                                                   self.ref_size, self.min_scale, s) for i, s in zip(indices, seeds)])
+                                                   self.ref_size, self.min_scale, s, self.grey_fraction)
+                                                  for i, s in zip(indices, seeds)])
         else:
-            batch = [random_crop(self._image(i), self.size, self.ref_size, self.min_scale, random.Random(s))
-                     for i, s in zip(indices, seeds)]
+            batch = [random_crop(self._image(i), self.size, self.ref_size, self.min_scale, random.Random(s),
+                                 self.grey_fraction) for i, s in zip(indices, seeds)]
         self.images_seen += len(batch)
         return torch.stack(batch)
 
@@ -203,9 +211,10 @@ class TrainImages:
 
 
 def _load_crop(args) -> Tensor:
-    path, cache_side, size, ref_size, min_scale, seed = args
+    path, cache_side, size, ref_size, min_scale, seed, grey_fraction = args
     torch.set_num_threads(1)
-    return random_crop(decode_short_side(path, cache_side), size, ref_size, min_scale, random.Random(seed))
+    return random_crop(decode_short_side(path, cache_side), size, ref_size, min_scale, random.Random(seed),
+                       grey_fraction)
 
 
 def load_val_images(folder: str | os.PathLike, names: list[str], size: int, limit: int = 0) -> Tensor:

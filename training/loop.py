@@ -126,12 +126,15 @@ class Data:
 
 def load_data(args: argparse.Namespace, out: Path, stage: Stage, log: Callable[[str], None]) -> Data:
     """The split (``OUT/split.json``), the training stream of ``stage.crop_size`` crops and the validation images."""
+    if not 0.0 <= args.grey_fraction <= 1.0:
+        raise TrainingError(f"--grey-fraction is a fraction of training crops, in [0, 1]; got {args.grey_fraction}")
     try:
         train_names, val_names, record = prepare_split(args.data, out, args.val_fraction)
     except (FileNotFoundError, ValueError) as error:  # no such folder, no images in it
         raise TrainingError(f"--data {args.data}: {error}") from error
     stream = TrainImages(args.data, train_names, stage.crop_size, stage.image_size, args.batch_size, args.min_scale,
-                         args.seed, args.cache_side, args.max_cache, args.workers, log=log)
+                         args.seed, args.cache_side, args.max_cache, args.workers, log=log,
+                         grey_fraction=args.grey_fraction)
     val = load_val_images(args.data, val_names, stage.image_size, args.val_images) if val_names else None
     return Data(stream, val, record, len(train_names), len(val_names))
 
