@@ -170,9 +170,9 @@ class LengthSearch:
         """The iteration indices to decode next (empty when the length is decided)."""
         if not self.errors:
             return [self.start]
-        passes = [t for t, e in self.errors.items() if e <= self.target_error]
-        if passes:
-            return self._first_pass_probes(min(passes))
+        first_pass = self.first_pass()
+        if first_pass is not None:
+            return self._first_pass_probes(first_pass)
         top, last = max(self.errors), self.num_iterations - 1
         if top < last:  # no length meets the target yet: look at longer ones
             if self.bisect:
@@ -206,17 +206,21 @@ class LengthSearch:
         below = range(lowest - 1, max(lowest - 1 - (self.patience - rises), -1), -1)
         return [t for t in below if t not in self.errors]
 
+    def first_pass(self) -> int | None:
+        """The shortest decoded length (iteration index) meeting the target, None while there is none."""
+        return min((t for t, e in self.errors.items() if e <= self.target_error), default=None)
+
     def longest_needed(self) -> int:
         """The longest iteration index this search may still decode: below its shortest passing length once one
         is known (the answer cannot be longer), else the longest."""
-        passes = [t for t, e in self.errors.items() if e <= self.target_error]
-        return min(passes) if passes else self.num_iterations - 1
+        first_pass = self.first_pass()
+        return first_pass if first_pass is not None else self.num_iterations - 1
 
     def chosen(self) -> int:
         """The decided iteration index: the first length meeting the target, else the (first) lowest-error one."""
-        passes = [t for t, e in self.errors.items() if e <= self.target_error]
-        if passes:
-            return min(passes)
+        first_pass = self.first_pass()
+        if first_pass is not None:
+            return first_pass
         return min(self.errors, key=lambda t: (self.errors[t], t))
 
 
@@ -226,9 +230,9 @@ def search_starts(predicted: Tensor | None, target_error: float, batch: int, num
     most likely the lowest error, found walking down from the longest), else the middle length (bisection)."""
     if predicted is None:
         return [(num_iterations - 1) // 2] * batch
+    starts = predicted_choice(predicted, target_error, SEARCH_START_MARGIN)
     leaning_short = predicted * (1 + SEARCH_START_MARGIN)
     reachable = (leaning_short <= torch.tensor(target_error, dtype=predicted.dtype)).any(dim=1)
-    starts = choose_iterations(leaning_short, [target_error])[0]
     return torch.where(reachable, starts, torch.full_like(starts, num_iterations - 1)).tolist()
 
 
