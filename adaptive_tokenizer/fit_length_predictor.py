@@ -19,6 +19,11 @@
    exceeds a fixed budget of that length's share, among the margins that keep the lengths within one iteration of
    the exact rule's for at least 85% of the images (the smallest such margin on ties; 0 when none does).
 5. **Write** the model with the selected head (``config.json`` describes it, ``model.safetensors`` holds it).
+6. Optionally **cross-validate** (:func:`cross_validation`): refit the selected head (features, width) ``folds``
+   times, each time without one fold of the images (folds by sha256 rank, fold 0 the held-out images when
+   ``folds`` is ``1 / val_fraction``), and judge the predicted rule, with the selected margin, on every image's
+   out-of-fold estimates: a fair figure of what the head does on images it was not fitted on (the selection
+   itself looked at fold 0 only).
 """
 
 from __future__ import annotations
@@ -169,8 +174,57 @@ def agreement(predicted: Tensor, errors: Tensor, thresholds: Sequence[float]) ->
 def held_out_images(names: Sequence[str], val_fraction: float) -> set[int]:
     """Indices of the ``ceil(val_fraction * n)`` names with the smallest sha256 (as ``training.data``)."""
     count = math.ceil(val_fraction * len(names)) if val_fraction > 0 else 0
-    by_hash = sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).hexdigest())
-    return set(by_hash[:count])
+    return set(by_hash(names)[:count])
+
+
+def by_hash(names: Sequence[str]) -> list[int]:
+    """Indices of ``names`` sorted by sha256(name)."""
+    return sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).hexdigest())
+
+
+def centre_views(data: Measurements) -> Tensor:
+    """Bool ``[M]``: the first view of every image (its centre crop, as the library sees it)."""
+    first = torch.ones(len(data.image), dtype=torch.bool)
+    first[1:] = data.image[1:] != data.image[:-1]
+    return first
+
+
+def image_folds(names: Sequence[str], folds: int) -> Tensor:
+    """Fold ``[n]`` of every image: its rank by sha256(name) // ceil(n / folds), so fold 0 holds the names that
+    :func:`held_out_images` holds out at ``val_fraction = 1 / folds``."""
+    if not 2 <= folds <= len(names):
+        raise ValueError(f"cross-validation needs 2 <= folds <= the number of images ({len(names)}), got {folds}")
+    fold = torch.empty(len(names), dtype=torch.long)
+    fold[torch.tensor(by_hash(names))] = torch.arange(len(names)) // math.ceil(len(names) / folds)
+    return fold
+
+
+def cross_validation(model: ALITModel, data: Measurements, names: Sequence[str], groups: tuple[str, ...],
+                     hidden: int, margin: float, folds: int, *, seed: int = 0, steps: int = 1500) -> dict:
+    """The predicted rule on out-of-fold estimates (module docstring, step 6): for each fold a head
+    (``groups``, ``hidden``) fitted on the views of the other folds estimates the fold's centre crops; then, at the
+    rule's own target for 2..6 iterations of mean length, the share of images reaching the target against a fixed
+    budget of that length, and the agreement with the exact rule's lengths."""
+    fold = image_folds(names, folds)
+    view_fold, centre = fold[data.image], centre_views(data)
+    columns = group_columns(groups, feature_sizes(model.config))
+    predicted = torch.zeros(len(names), data.errors.shape[1], dtype=data.errors.dtype)
+    for k in range(int(fold.max()) + 1):
+        head = fit_head(model, data.features[view_fold != k], data.errors[view_fold != k], groups, hidden,
+                        seed=seed, steps=steps)
+        rows = centre & (view_fold == k)
+        with torch.inference_mode():
+            predicted[data.image[rows]] = head(data.features[rows][:, columns]).to(predicted.dtype)
+    errors = data.errors[centre]
+    step = model.config.tokens_per_iteration
+    budgets = [step * i for i in range(1, errors.shape[1] + 1)]
+    targets = []
+    for iterations in TARGET_ITERATIONS:
+        own = predicted_rule_at_mean_length(predicted, errors, budgets, step * iterations, margin)
+        own.pop("chosen")
+        targets.append({"mean_tokens": step * iterations, **own, "gain_over_fixed": own["share"] - own["fixed_share"]})
+    return {"folds": folds, "features": list(groups), "hidden": hidden, "margin": margin,
+            "mae": float((predicted - errors).abs().mean()), "targets": targets}
 
 
 def select_head(model: ALITModel, data: Measurements, names: Sequence[str], *, val_fraction: float = 0.1,
@@ -179,9 +233,7 @@ def select_head(model: ALITModel, data: Measurements, names: Sequence[str], *, v
     """Fit every candidate on the training images' views, select on the held-out images' centre crops."""
     held = held_out_images(names, val_fraction)
     is_val = torch.tensor([int(i) in held for i in data.image])
-    first_view = torch.ones(len(data.image), dtype=torch.bool)
-    first_view[1:] = data.image[1:] != data.image[:-1]
-    val = is_val & first_view  # the held-out images as the library sees them (centre crops)
+    val = is_val & centre_views(data)  # the held-out images as the library sees them (centre crops)
     train = ~is_val
     if not val.any() or not train.any():
         raise ValueError(f"need images on both sides of the split: {int(train.sum())} training views, "
@@ -251,13 +303,16 @@ def write_report(path: Path, report: dict) -> None:
 
 def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, *, crops: int = 0,
                          val_fraction: float = 0.1, seed: int = 0, measurements: str | Path | None = None,
-                         steps: int = 1500, progress=None, log=print) -> dict:
+                         steps: int = 1500, folds: int = 0, progress=None, log=print) -> dict:
     """The ``fit-length-predictor`` command: measure ``paths`` (or load ``measurements``, a file this function
     wrote before for the same model and images), select and fit the head, write the model with it to
-    ``out_dir`` (``save_pretrained``) and ``out_dir/fit_report.json``. Returns the report."""
+    ``out_dir`` (``save_pretrained``) and ``out_dir/fit_report.json``; with ``folds`` >= 2 the report also holds
+    the selected head's :func:`cross_validation`. Returns the report."""
     from safetensors.torch import load_file, save
 
     names = [Path(p).name for p in paths]
+    if folds:
+        image_folds(names, folds)  # a bad count fails before the measuring, not after it
     cache = Path(measurements) if measurements is not None else None
     if cache is not None and cache.is_file():
         stored = load_file(cache)
@@ -272,6 +327,9 @@ def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, 
         if cache is not None:
             write_atomic(cache, save({"features": data.features, "errors": data.errors, "image": data.image}))
     head, report = select_head(tok.model, data, names, val_fraction=val_fraction, seed=seed, steps=steps, log=log)
+    if folds:
+        report["cross_validation"] = cross_validation(tok.model, data, names, head.groups, report["selected"]["hidden"],
+                                                      head.margin, folds, seed=seed, steps=steps)
     from .tokenizer import AdaptiveTokenizer
     fitted = AdaptiveTokenizer(with_predictor(tok.model, head), info=tok.info)  # a new float32 CPU model
     out_dir = Path(out_dir)

@@ -271,8 +271,15 @@ def test_fit_length_predictor_command_writes_a_loadable_model(tmp_path, capsys):
         Image.fromarray(((noise + base) * 255).clip(0, 255).astype(np.uint8)).save(photos / f"p{index:02d}.png")
     paths = sorted(photos.iterdir())
     report = fit_length_predictor(plain, paths, tmp_path / "fitted", val_fraction=0.25, steps=30, log=lambda _: None,
-                                  measurements=tmp_path / "cache.safetensors")
+                                  measurements=tmp_path / "cache.safetensors", folds=4)
     assert report["num_val_images"] == 3 and report["num_train_views"] == 18  # 9 images x (centre, mirror)
+    folds = report["cross_validation"]
+    assert folds["folds"] == 4 and folds["margin"] == report["selected"]["margin"]
+    step = plain.config.tokens_per_iteration
+    assert [row["mean_tokens"] for row in folds["targets"]] == [step * i for i in (2, 3, 4, 5, 6)]
+    for row in folds["targets"]:
+        assert row["gain_over_fixed"] == pytest.approx(row["share"] - row["fixed_share"])
+        assert 0 <= row["same_length_as_exact"] <= row["within_one_of_exact"] <= 1
     selected = {key: report["selected"][key] for key in ("features", "hidden")}
     assert len(report["candidates"]) == 6 and selected in [
         {"features": c["features"], "hidden": c["hidden"]} for c in report["candidates"]]
@@ -288,6 +295,25 @@ def test_fit_length_predictor_command_writes_a_loadable_model(tmp_path, capsys):
                      str(tmp_path / "cache.safetensors")])
     assert code == 0 and "fitted a length predictor" in capsys.readouterr().out
     assert AdaptiveTokenizer.from_pretrained(tmp_path / "again").config.length_predictor is not None
+    code = cli.main(["fit-length-predictor", "--model", str(tmp_path / "plain"), str(photos), "-o",
+                     str(tmp_path / "never"), "--cross-validate", "13"])
+    assert code == 2 and "2 <= folds <= the number of images (12), got 13" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_cross_validation_folds_split_the_images_by_name_hash():
+    """Every image is in exactly one fold, fold 0 is what ``val_fraction = 1 / folds`` holds out, folds are
+    filled in order of sha256 rank; a fold count outside 2..n is refused before anything is measured."""
+    from adaptive_tokenizer.fit_length_predictor import held_out_images, image_folds
+
+    names = [f"photo{i}.jpg" for i in range(23)]
+    fold = image_folds(names, 5)
+    assert fold.tolist().count(0) == 5 and sorted(set(fold.tolist())) == [0, 1, 2, 3, 4]
+    assert {i for i in range(23) if fold[i] == 0} == held_out_images(names, 1 / 5)
+    assert image_folds(list(reversed(names)), 5).tolist() == list(reversed(fold.tolist()))  # by name, not order
+    for bad in (0, 1, 24):
+        with pytest.raises(ValueError, match="2 <= folds <= the number of images"):
+            image_folds(names, bad)
 
 
 @pytest.mark.parametrize("rule,stored", [("search", "errors"), ("predicted", "predicted_errors")])

@@ -123,6 +123,9 @@ def fit_length_predictor_arguments(p: argparse.ArgumentParser) -> None:
                    help="optimizer steps per candidate head (default: 1500)")
     p.add_argument("--measurements", metavar="FILE.safetensors",
                    help="cache of the measured errors: written after measuring, read instead of measuring again")
+    p.add_argument("--cross-validate", type=int, default=0, metavar="K",
+                   help="also refit the selected head K times, each without one of K folds of the photos, and report "
+                        "the predicted rule on the out-of-fold estimates (fit_report.json: cross_validation)")
 
 
 @command("fit-length-predictor", "fit a length predictor (length_rule='predicted') for a model on photos; writes the "
@@ -137,11 +140,15 @@ def cmd_fit_length_predictor(args: argparse.Namespace) -> int:
     with tqdm(total=len(sources), unit="img", desc="measuring", file=sys.stderr, disable=None) as bar:
         report = fit_length_predictor(tok, sources, args.output, crops=args.crops, val_fraction=args.val_fraction,
                                       seed=args.seed, measurements=args.measurements, steps=args.fit_steps,
-                                      progress=bar.update)
+                                      folds=args.cross_validate, progress=bar.update)
     chosen = report["candidates"][[(c["features"], c["hidden"]) for c in report["candidates"]].index(
         (report["selected"]["features"], report["selected"]["hidden"]))]
     print(f"fitted a length predictor on {report['num_train_views']} views; held out {report['num_val_images']} "
           f"images: lengths within one iteration of the exact rule {chosen['within_one']:.1%}, same "
           f"{chosen['same']:.1%}, MAE {chosen['mae']:.4f}; safety margin {report['selected']['margin']:g} "
           f"-> {args.output}")
+    for row in report.get("cross_validation", {}).get("targets", []):
+        print(f"out of fold ({args.cross_validate} folds), {row['mean_tokens']} mean tokens: {row['share']:.1%} reach "
+              f"the target, fixed {row['fixed_budget']} {row['fixed_share']:.1%}; within one iteration of the exact "
+              f"rule {row['within_one_of_exact']:.1%}")
     return 0
