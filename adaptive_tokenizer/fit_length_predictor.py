@@ -190,12 +190,13 @@ def centre_views(data: Measurements) -> Tensor:
 
 
 def image_folds(names: Sequence[str], folds: int) -> Tensor:
-    """Fold ``[n]`` of every image: its rank by sha256(name) // ceil(n / folds), so fold 0 holds the names that
-    :func:`held_out_images` holds out at ``val_fraction = 1 / folds``."""
+    """Fold ``[n]`` of every image: its rank by sha256(name) x folds // n, so there are exactly ``folds`` folds of
+    near-equal size and fold 0 holds the names that :func:`held_out_images` holds out at ``val_fraction = 1 / folds``.
+    """
     if not 2 <= folds <= len(names):
         raise ValueError(f"cross-validation needs 2 <= folds <= the number of images ({len(names)}), got {folds}")
     fold = torch.empty(len(names), dtype=torch.long)
-    fold[torch.tensor(by_hash(names))] = torch.arange(len(names)) // math.ceil(len(names) / folds)
+    fold[torch.tensor(by_hash(names))] = torch.arange(len(names)) * folds // len(names)
     return fold
 
 

@@ -309,6 +309,7 @@ def test_cross_validation_folds_split_the_images_by_name_hash():
     names = [f"photo{i}.jpg" for i in range(23)]
     fold = image_folds(names, 5)
     assert fold.tolist().count(0) == 5 and sorted(set(fold.tolist())) == [0, 1, 2, 3, 4]
+    assert sorted(set(image_folds(names[:12], 5).tolist())) == [0, 1, 2, 3, 4]  # as many folds as asked for
     assert {i for i in range(23) if fold[i] == 0} == held_out_images(names, 1 / 5)
     assert image_folds(list(reversed(names)), 5).tolist() == list(reversed(fold.tolist()))  # by name, not order
     for bad in (0, 1, 24):
