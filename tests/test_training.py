@@ -283,6 +283,21 @@ def test_distill(image_folder, tmp_path, capsys):
     other[other.index("--config") + 1] = str(wider)
     wider_init = other + ["--out", str(tmp_path / "e"), "--init", str(tmp_path / "a" / "export")]
     assert "its ALIT config differs" in refused(distill.main, wider_init, capsys)
+    # ... or into a deeper one: the added blocks start as the identity, so the grown model is the same function
+    config = tiny_config(base.config)
+    deeper = config.replace(encoder_layers=config.encoder_layers + 1, decoder_layers=config.decoder_layers + 2)
+    deeper.to_json(tmp_path / "deeper.json")
+    grown_args = common[:]
+    grown_args[grown_args.index("--config") + 1] = str(tmp_path / "deeper.json")
+    distill.main(grown_args + ["--out", str(tmp_path / "f"), "--steps", "1", "--stop-after", "0",
+                               "--init", str(tmp_path / "a" / "export")])
+    grown = distill.ALITModel(deeper)
+    grown.load_state_dict(torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)["model"])
+    original = AdaptiveTokenizer.from_pretrained(tmp_path / "a" / "export")
+    images = torch.rand(3, 3, 32, 32)
+    expected, result = original.encode(images, budget=12), AdaptiveTokenizer(grown).encode(images, budget=12)
+    assert all(torch.equal(a_, b_) for a_, b_ in zip(expected.tokens, result.tokens))
+    torch.testing.assert_close(AdaptiveTokenizer(grown).decode(result), original.decode(expected), rtol=0, atol=0)
 
 
 def test_init_schemes():

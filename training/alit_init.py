@@ -131,13 +131,39 @@ def init_alit_weights(model: ALITModel, seed: int = 0, scheme: str = "small", at
 
 
 def start_from(model: ALITModel, folder: str) -> None:
-    """``--init``: the encoder/decoder/quantizer of an exported model with the same ALIT config. The frozen base
-    stays ``--base``'s, which may have another architecture (a warm start on a new base tokenizer); a length
-    predictor is fitted after training (``adaptive-tokenizer fit-length-predictor``): not carried over."""
+    """``--init``: the encoder/decoder/quantizer of an exported model with the same ALIT config, or with fewer
+    encoder/decoder layers (a deeper ``--config``): the extra blocks are appended with their residual branches'
+    output projections zeroed, so the grown model starts as exactly the exported one. The frozen base stays
+    ``--base``'s, which may have another architecture (a warm start on a new base tokenizer); a length predictor is
+    fitted after training (``adaptive-tokenizer fit-length-predictor``): not carried over."""
     init_config, init_weights = load_model_files(folder)
-    if init_config.replace(base=model.config.base, length_predictor=None) != model.config:
-        raise IncompatibleRun(f"--init {folder}: its ALIT config differs from the model being trained")
+    same_depth = dict(encoder_layers=model.config.encoder_layers, decoder_layers=model.config.decoder_layers)
+    if (init_config.replace(base=model.config.base, length_predictor=None, **same_depth) != model.config
+            or init_config.encoder_layers > model.config.encoder_layers
+            or init_config.decoder_layers > model.config.decoder_layers):
+        raise IncompatibleRun(f"--init {folder}: its ALIT config differs from the model being trained (only more "
+                              "encoder/decoder layers may be added)")
     loaded = model.load_state_dict({key: value for key, value in init_weights.items()
                                     if not key.startswith(("base.", "length_predictor."))}, strict=False)
-    if loaded.unexpected_keys or any(not key.startswith("base.") for key in loaded.missing_keys):
+    grown = [*new_blocks(model.encoder.transformer, init_config.encoder_layers, "encoder."),
+             *new_blocks(model.decoder.transformer, init_config.decoder_layers, "decoder.")]
+    for _, block in grown:
+        zero_residual_outputs(block)
+    grown_prefixes = tuple(prefix for prefix, _ in grown)
+    if loaded.unexpected_keys or any(not key.startswith(("base.", *grown_prefixes)) for key in loaded.missing_keys):
         raise IncompatibleRun(f"--init {folder}: weights do not match its config ({loaded})")
+
+
+def new_blocks(transformer: nn.Module, init_layers: int, owner: str) -> list[tuple[str, nn.Module]]:
+    """The blocks of ``transformer`` beyond the first ``init_layers``, with their state-dict key prefixes."""
+    return [(f"{owner}transformer.blocks.{i}.", block) for i, block in enumerate(transformer.blocks)
+            if i >= init_layers]
+
+
+@torch.no_grad()
+def zero_residual_outputs(block: nn.Module) -> None:
+    """Make a pre-norm transformer block the identity: both residual branches end in a zeroed projection (their
+    inputs keep the default initialisation, so gradients reach them as soon as the projections move)."""
+    for projection in (block.attn.proj, block.mlp.proj):
+        projection.weight.zero_()
+        projection.bias.zero_()
