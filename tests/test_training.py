@@ -295,9 +295,14 @@ def test_distill(image_folder, tmp_path, capsys):
     grown.load_state_dict(torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)["model"])
     original = AdaptiveTokenizer.from_pretrained(tmp_path / "a" / "export")
     images = torch.rand(3, 3, 32, 32)
-    expected, result = original.encode(images, budget=12), AdaptiveTokenizer(grown).encode(images, budget=12)
+    grown_tok = AdaptiveTokenizer(grown)
+    expected, result = original.encode(images, budget=12), grown_tok.encode(images, budget=12)
     assert all(torch.equal(a_, b_) for a_, b_ in zip(expected.tokens, result.tokens))
-    torch.testing.assert_close(AdaptiveTokenizer(grown).decode(result), original.decode(expected), rtol=0, atol=0)
+    torch.testing.assert_close(grown_tok.decode(result), original.decode(expected), rtol=0, atol=0)
+    # ... never into a shallower one
+    grown_tok.save_pretrained(tmp_path / "grown")
+    shallower = common + ["--out", str(tmp_path / "g"), "--init", str(tmp_path / "grown")]
+    assert "only more encoder/decoder layers" in refused(distill.main, shallower, capsys)
 
 
 def test_init_schemes():
