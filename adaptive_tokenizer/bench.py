@@ -207,15 +207,29 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
     return summary
 
 
+@dataclass
+class RuleRow:
+    """One row of the rules benchmark: a rule (or the fixed budget) at its own target for the mean length asked."""
+
+    measurement: Measurement
+    threshold: float
+    iterations: torch.Tensor  # [N] chosen iterations per image
+    decodes: torch.Tensor  # [N] lengths decoded to choose them (0: none)
+    share_meeting_target: float  # of images whose measured error at their length is <= threshold
+    fixed_share_meeting_target: float  # a fixed budget of the mean length asked, at the same threshold
+
+
 def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: int, repeats: int = 1,
                         batch: int | None = None, print_fn: Callable[[str], None] = print) -> dict:
     """The length rules side by side on a trained model and real images ``pixels`` ``[N, 3, R, R]``, all of them,
     in batches of ``batch`` (default: one batch): the authors' algorithm, the exact rule (a decode at every
-    iteration up to each image's length), the search rule, the predicted rule (the model needs a length predictor)
-    and a fixed budget of about the same mean length. Targets: the exact rule's at ``target_tokens`` mean tokens
-    over all images (also the search's), and the predicted rule's own.
+    iteration up to each image's length), the search rule, the verified and predicted rules (the model needs a
+    length predictor) and the fixed budget nearest ``target_tokens``. Each rule runs at its own target for
+    ``target_tokens`` mean tokens over all images (the search at the exact rule's: the same lengths); every row
+    reports images/s, decodes per image, mean tokens and the share of images meeting its target (measured
+    errors), beside the share a fixed budget of ``target_tokens`` reaches at that target.
     Prints a table and one JSON line with the ratios of images/s; returns the JSON."""
-    from .length_report import threshold_for_mean_length
+    from .length_report import threshold_for_mean_length, verified_threshold
     from .length_rules import choose_length, predict_errors
 
     torch.set_num_threads(threads)
@@ -226,68 +240,89 @@ def run_rules_benchmark(tok, pixels: torch.Tensor, threads: int, target_tokens: 
     budgets = [per * (i + 1) for i in range(iterations)]
     _, errors = tok.reconstructions(pixels)
     exact_e = threshold_for_mean_length(errors, budgets, target_tokens)
+    fixed_index = min(range(iterations), key=lambda i: abs(budgets[i] - target_tokens))
     halting = model.config.dynamic_halting_confidence if model.config.dynamic_halting else None
-    results: list[Measurement] = []
 
-    def lengths_of(rule: str, threshold: float) -> torch.Tensor:
-        return torch.cat([choose_length(model, part, iterations, threshold, rule, halting_confidence=halting)
-                          .num_iterations for part in batches])
+    def run_rule(rule: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [choose_length(model, part, iterations, threshold, rule, halting_confidence=halting)
+                for part in batches]
+        return torch.cat([o.num_iterations for o in outs]), torch.cat([o.decodes for o in outs])
+
+    def row(m: Measurement, threshold: float, chosen: torch.Tensor, decodes: torch.Tensor) -> RuleRow:
+        limit = torch.tensor(threshold, dtype=errors.dtype)
+        share = float((errors[torch.arange(count), chosen - 1] <= limit).double().mean())
+        fixed_share = float((errors[:, fixed_index] <= limit).double().mean())
+        m.note = f"target {threshold:.4f}"
+        return RuleRow(m, threshold, chosen, decodes, share, fixed_share)
 
     reference, _ = measure("reference (authors' encode)",
                            lambda: [reference_encode(model, part, exact_e) for part in batches], count, device,
                            repeats, "every length decoded, batch-level length")
-    results.append(reference)
-    outs = {}
-    rules = [("exact", exact_e), ("search", exact_e)]
+    rows: dict[str, RuleRow] = {}
+    targets = {"exact": exact_e, "search": exact_e}
     if model.length_predictor is not None:
         with torch.inference_mode():
             predicted = torch.cat([predict_errors(model, part).cpu() for part in batches])
+        targets["verified"] = verified_threshold(errors, predicted, budgets, target_tokens)
         margin = model.length_predictor.margin  # the rule compares estimate x (1 + margin) with the target
-        rules.append(("predicted", threshold_for_mean_length(predicted * (1 + margin), budgets, target_tokens)))
-    for rule, threshold in rules:
-        m, outs[rule] = measure(rule, lambda r=rule, e=threshold: lengths_of(r, e), count, device, repeats,
-                                f"target {threshold:.4f}")
-        m.note += f", mean {per * float(outs[rule].double().mean()):.1f} tokens"
-        results.append(m)
-    basis = "predicted" if "predicted" in outs else "exact"  # the fixed budget of about its mean length
-    mean_iterations = float(outs[basis].double().mean())
-    fixed_budget = per * max(1, round(mean_iterations))
-    fixed, _ = measure(f"fixed {fixed_budget}", lambda: [rollout(model, part, fixed_budget // per,
+        targets["predicted"] = threshold_for_mean_length(predicted * (1 + margin), budgets, target_tokens)
+    for rule, threshold in targets.items():
+        m, (chosen, decodes) = measure(rule, lambda r=rule, e=threshold: run_rule(r, e), count, device, repeats)
+        rows[rule] = row(m, threshold, chosen, decodes)
+    fixed_budget = budgets[fixed_index]
+    fixed, _ = measure(f"fixed {fixed_budget}", lambda: [rollout(model, part, fixed_index + 1,
                                                                    halting_confidence=halting) for part in batches],
                        count, device, repeats)
-    results.append(fixed)
-    summary = rules_summary(results, outs, count, batch, threads, device, target_tokens, fixed_budget)
-    print_table(results, print_fn)
+    rows["fixed"] = row(fixed, exact_e, torch.full((count,), fixed_index + 1), torch.zeros(count, dtype=torch.long))
+    fixed.note = f"at the exact rule's target {exact_e:.4f}"
+    print_rules_table(reference, rows, per, fixed_budget, print_fn)
+    summary = rules_summary(reference, rows, per, count, batch, threads, device, target_tokens, fixed_budget)
     print_fn(json.dumps(summary))
     return summary
 
 
-def print_table(results: list[Measurement], print_fn: Callable[[str], None]) -> None:
-    """The rules benchmark's table: images/s of each measurement and its ratio to the first (the reference)."""
-    reference = results[0].images_per_s
-    print_fn(f"{'what':<28} {'images/s':>10} {'vs reference':>13}  note")
-    for m in results:
-        print_fn(f"{m.name:<28} {m.images_per_s:>10.3f} {m.images_per_s / reference:>12.2f}x  {m.note}")
+def print_rules_table(reference: Measurement, rows: dict[str, RuleRow], tokens_per_iteration: int, fixed_budget: int,
+                      print_fn: Callable[[str], None]) -> None:
+    """The rules benchmark's table: images/s and its ratio to the authors' algorithm and to the exact rule, decodes
+    per image, mean tokens, the share meeting the target and a fixed budget's share at the same target."""
+    exact = rows["exact"].measurement.images_per_s
+    print_fn(f"{'what':<28} {'images/s':>9} {'vs authors':>10} {'vs exact':>8} {'decodes':>7} {'tokens':>7} "
+             f"{'meet E':>7} {f'fixed {fixed_budget}':>9}  note")
+    print_fn(f"{reference.name:<28} {reference.images_per_s:>9.3f} {1:>9.2f}x {reference.images_per_s / exact:>7.2f}x"
+             f"{'':>35}  {reference.note}")
+    for r in rows.values():
+        m = r.measurement
+        print_fn(f"{m.name:<28} {m.images_per_s:>9.3f} {m.images_per_s / reference.images_per_s:>9.2f}x "
+                 f"{m.images_per_s / exact:>7.2f}x {float(r.decodes.double().mean()):>7.2f} "
+                 f"{tokens_per_iteration * float(r.iterations.double().mean()):>7.1f} {r.share_meeting_target:>7.1%} "
+                 f"{r.fixed_share_meeting_target:>9.1%}  {m.note}")
 
 
-def rules_summary(results: list[Measurement], lengths: dict[str, torch.Tensor], count: int, batch: int, threads: int,
-                  device: torch.device, target_tokens: int, fixed_budget: int) -> dict:
-    """The rules benchmark's JSON line: ratios of images/s measured in the same run, and whether the search gave
-    the exact rule's lengths (``lengths``: each rule's iterations per image)."""
-    speed = {m.name: m.images_per_s for m in results}
-    reference, fixed = results[0].images_per_s, results[-1].images_per_s
+def rules_summary(reference: Measurement, rows: dict[str, RuleRow], tokens_per_iteration: int, count: int,
+                  batch: int, threads: int, device: torch.device, target_tokens: int, fixed_budget: int) -> dict:
+    """The rules benchmark's JSON line: ratios of images/s measured in the same run, whether the search gave the
+    exact rule's lengths, and each rule's target, decodes per image, mean tokens and share meeting its target."""
+    speed = {name: r.measurement.images_per_s for name, r in rows.items()}
     summary = {"mode": "rules", "images": count, "batch": batch, "threads": threads, "device": str(device),
-               "target_tokens": target_tokens,
+               "target_tokens": target_tokens, "fixed_budget": fixed_budget,
                "search_vs_exact": round(speed["search"] / speed["exact"], 3),
-               "search_same_lengths_as_exact": float((lengths["search"] == lengths["exact"]).double().mean()),
-               "exact_vs_reference": round(speed["exact"] / reference, 3),
-               "fixed_budget": fixed_budget,
-               "images_per_s": {name: round(value, 4) for name, value in speed.items()}}
-    if "predicted" in lengths:
-        summary.update({"predicted_vs_exact": round(speed["predicted"] / speed["exact"], 3),
-                        "predicted_vs_search": round(speed["predicted"] / speed["search"], 3),
-                        "predicted_vs_reference": round(speed["predicted"] / reference, 3),
-                        "predicted_vs_fixed": round(speed["predicted"] / fixed, 3)})
+               "search_same_lengths_as_exact": float((rows["search"].iterations == rows["exact"].iterations)
+                                                     .double().mean()),
+               "exact_vs_reference": round(speed["exact"] / reference.images_per_s, 3)}
+    for rule in ("verified", "predicted"):
+        if rule in rows:
+            summary.update({f"{rule}_vs_exact": round(speed[rule] / speed["exact"], 3),
+                            f"{rule}_vs_search": round(speed[rule] / speed["search"], 3),
+                            f"{rule}_vs_reference": round(speed[rule] / reference.images_per_s, 3),
+                            f"{rule}_vs_fixed": round(speed[rule] / speed["fixed"], 3)})
+    summary["rules"] = {name: {"target": r.threshold, "images_per_s": round(speed[name], 4),
+                               "decodes_per_image": round(float(r.decodes.double().mean()), 4),
+                               "mean_tokens": round(tokens_per_iteration * float(r.iterations.double().mean()), 2),
+                               "share_meeting_target": round(r.share_meeting_target, 4),
+                               "fixed_share_meeting_target": round(r.fixed_share_meeting_target, 4)}
+                        for name, r in rows.items()}
+    summary["images_per_s"] = {reference.name: round(reference.images_per_s, 4),
+                               **{name: round(value, 4) for name, value in speed.items()}}
     return summary
 
 
@@ -303,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-tokens", type=int, default=128, help="mean adaptive length to calibrate for")
     parser.add_argument("--budgets", default="32,64,128,256")
     parser.add_argument("--rules", action="store_true",
-                        help="time the length rules (exact, search, predicted) on a trained model (--model, default "
+                        help="time the length rules (exact, search, verified, predicted) on a trained model (--model, default "
                              "the embedded one) and the photos of --images, instead of the architecture benchmark")
     parser.add_argument("--model", default=None, help="with --rules: the model (default: the embedded default)")
     parser.add_argument("--images", default="evaluation/photos",

@@ -1,4 +1,4 @@
-"""How ``encode(halt_threshold=E)`` chooses each image's length: three rules with one target.
+"""How ``encode(halt_threshold=E)`` chooses each image's length: four rules with one target.
 
 The target is the same for every rule: the fewest tokens whose reconstruction's mean absolute pixel error
 (pixels in [0, 1], unclamped, as :func:`~adaptive_tokenizer.rollout.pixel_error`) is ``<= E``; an image that
@@ -14,6 +14,11 @@ find it:
   is known to be no longer. It returns the exact rule's length whenever the lengths meeting ``E`` form one
   unbroken run and an unreachable image's error does not fall again after rising twice (seen from the longest
   length down): every photo measured so far. Fewer decodes where images reach ``E``; as many where they do not.
+* ``"verified"``: start at the length the predictor expects (:data:`VERIFIED_START_MARGIN`), decode it, and step up
+  one length at a time only while the error is above ``E`` (never down; when no length from the start on meets
+  ``E``, the lowest error seen). A length meeting ``E`` whenever one from the start on does, at about one decode per
+  image; not always the fewest tokens (a start past the answer is kept). Needs a length predictor
+  (:class:`VerifiedStep`, run by the search's machinery).
 * ``"predicted"``: the length predictor (``length_predictor.py``) estimates every length's error from what the
   encoder computed at its first iteration; each image takes the first length whose estimate, times ``1 + margin``
   (the predictor's safety margin against under-estimates), meets ``E``, and runs exactly the iterations that
@@ -25,7 +30,7 @@ Every rule decides each image on its own: its length never depends on the rest o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -35,14 +40,42 @@ from .length_predictor import feature_vector
 from .model import ALITModel
 from .rollout import RolloutOutput, RolloutRun, check_finite, pixel_errors, rollout
 
-LengthRule = Literal["exact", "search", "predicted"]
-LENGTH_RULES: tuple[str, ...] = ("exact", "search", "predicted")
+LengthRule = Literal["exact", "search", "verified", "predicted"]
+LENGTH_RULES: tuple[str, ...] = ("exact", "search", "verified", "predicted")
+PREDICTOR_RULES: tuple[str, ...] = ("verified", "predicted")  # the rules that need a model with a length predictor
+# The rule `encode(halt_threshold=E)` uses when none is given; models without a length predictor use
+# FALLBACK_LENGTH_RULE instead (docs/adaptive_length.md says why this one).
+DEFAULT_LENGTH_RULE = "verified"
+FALLBACK_LENGTH_RULE = "exact"
 # Where the search starts: the first length whose estimate x (1 + SEARCH_START_MARGIN) meets the target. Starting
 # one length short costs the same two decodes as starting right (the failure below is then known), one length long
 # costs three, so the start leans short, unlike the predicted rule's margin. Chosen on the default model's 83
 # held-out corpus photos by the lowest modelled decoding cost (docs/adaptive_length.md); the lengths do not depend
 # on it.
 SEARCH_START_MARGIN = -0.03
+# Where the verified rule starts: the first length whose estimate x (1 + VERIFIED_START_MARGIN) meets the target.
+# A start short of the answer costs one decode per length stepped up; a start past it costs tokens. Chosen on the
+# default model's 83 held-out corpus photos by a criterion written before any result (docs/adaptive_length.md).
+VERIFIED_START_MARGIN = 0.0
+
+
+def resolve_length_rule(model: ALITModel, halt_threshold: float | None, length_rule: str | None) -> str | None:
+    """The rule that ``encode`` runs: None for a fixed budget (no ``halt_threshold``), else ``length_rule``, or the
+    default (:data:`DEFAULT_LENGTH_RULE`; :data:`FALLBACK_LENGTH_RULE` for a model without a length predictor).
+    ValueError for an unknown rule, a rule without a target, or a rule that needs a predictor the model lacks."""
+    if length_rule is None:
+        if halt_threshold is None:
+            return None
+        needs_predictor = DEFAULT_LENGTH_RULE in PREDICTOR_RULES
+        return FALLBACK_LENGTH_RULE if needs_predictor and model.length_predictor is None else DEFAULT_LENGTH_RULE
+    if length_rule not in LENGTH_RULES:
+        raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
+    if halt_threshold is None:
+        raise ValueError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
+                         "too (without it every image gets max_tokens tokens)")
+    if length_rule in PREDICTOR_RULES and model.length_predictor is None:
+        raise ValueError(missing_predictor_message(length_rule))
+    return length_rule
 
 
 def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
@@ -57,6 +90,24 @@ def choose_iterations(errors: Tensor, thresholds: Sequence[float] | Tensor) -> T
     first = meets.to(torch.uint8).argmax(dim=2)  # first True (argmax returns the first maximum)
     fallback = first_argmin(errors)[None].expand_as(first)
     return torch.where(meets.any(dim=2), first, fallback)
+
+
+def verified_iterations(errors: Tensor, starts: Tensor, thresholds: Sequence[float] | Tensor) -> tuple[Tensor, Tensor]:
+    """The verified rule on a table (what :class:`VerifiedStep` does per image): errors ``[N, I]``, starts ``[T, N]``
+    and thresholds ``[T]`` -> (chosen iteration index ``[T, N]``, decodes ``[T, N]``): the first length from the
+    start on with error ``<=`` its target, else the lowest-error one from the start on (first on ties)."""
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(errors.dtype)
+    iterations = errors.shape[1]
+    seen = torch.arange(iterations)[None, None, :] >= starts[:, :, None]  # [T, N, I]
+    meets = (errors[None] <= thresholds[:, None, None]) & seen
+    first = meets.to(torch.uint8).argmax(dim=2)
+    unseen_last = errors[None].masked_fill(~seen, float("inf"))
+    low = unseen_last.min(dim=2, keepdim=True).values
+    fallback = (unseen_last == low).to(torch.uint8).argmax(dim=2)
+    reached = meets.any(dim=2)
+    chosen = torch.where(reached, first, fallback)
+    decodes = torch.where(reached, first - starts + 1, iterations - starts)
+    return chosen, decodes
 
 
 def first_argmin(errors: Tensor) -> Tensor:
@@ -74,6 +125,8 @@ def choose_length(model: ALITModel, pixels: Tensor, num_iterations: int, target_
                        target_error=target_error)
     if rule == "predicted":
         return predicted_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
+    if rule == "verified":
+        return verified_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
     if rule == "search":
         return search_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
     raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
@@ -141,7 +194,8 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, tar
         run.keep((~finishing).nonzero()[:, 0])
     chosen = stop + 1
     return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=None,  # type: ignore[arg-type]
-                         predicted_errors=predicted.gather(1, stop[:, None])[:, 0])
+                         predicted_errors=predicted.gather(1, stop[:, None])[:, 0],
+                         decodes=torch.zeros(batch, dtype=torch.long))
 
 
 class LengthSearch:
@@ -224,6 +278,22 @@ class LengthSearch:
         return min(self.errors, key=lambda t: (self.errors[t], t))
 
 
+class VerifiedStep(LengthSearch):
+    """Per-image bookkeeping of the ``"verified"`` rule: decode the start, then one length longer at a time while
+    the error is above the target; the first length meeting it, else the lowest error seen (first on ties)."""
+
+    def __init__(self, start: int, num_iterations: int, target_error: float):
+        super().__init__(start, num_iterations, target_error, bisect=False)
+
+    def next_probes(self) -> list[int]:
+        if not self.errors:
+            return [self.start]
+        top = max(self.errors)
+        if self.first_pass() is not None or top == self.num_iterations - 1:
+            return []
+        return [top + 1]
+
+
 def search_starts(predicted: Tensor | None, target_error: float, batch: int, num_iterations: int) -> list[int]:
     """Where the search starts for each image: the predicted length leaning short (``SEARCH_START_MARGIN``) given
     the predictor's estimates ``[N, I]``, the longest length when no estimate meets the target (the answer is then
@@ -239,17 +309,41 @@ def search_starts(predicted: Tensor | None, target_error: float, batch: int, num
 def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
                    halting_confidence: float | None = None) -> RolloutOutput:
     """The ``"search"`` rule: decode only the lengths needed to find where the error crosses the target, starting
-    from the predictor's length (bisection without a predictor). The encoder runs one iteration at a time; the
-    lengths already encoded are decoded first, and an image leaves the encoder's batch once no longer length can
-    be its answer, so images that settle early cost no more encoding."""
-    batch = pixels.shape[0]
+    from the predictor's length (bisection without a predictor)."""
+    def searches(predicted: Tensor | None) -> list[LengthSearch]:
+        starts = search_starts(predicted, target_error, pixels.shape[0], num_iterations)
+        return [LengthSearch(s, num_iterations, target_error, bisect=predicted is None) for s in starts]
+
+    return decoding_rollout(model, pixels, num_iterations, searches, halting_confidence=halting_confidence,
+                            need_predictor=False)
+
+
+def verified_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
+                     halting_confidence: float | None = None) -> RolloutOutput:
+    """The ``"verified"`` rule: decode the predicted length, step up while the error is above the target."""
+    def steps(predicted: Tensor | None) -> list[LengthSearch]:
+        starts = predicted_choice(predicted, target_error, VERIFIED_START_MARGIN).tolist()
+        return [VerifiedStep(s, num_iterations, target_error) for s in starts]
+
+    return decoding_rollout(model, pixels, num_iterations, steps, halting_confidence=halting_confidence,
+                            need_predictor=True)
+
+
+def decoding_rollout(model: ALITModel, pixels: Tensor, num_iterations: int,
+                     make_searches: Callable[[Tensor | None], list[LengthSearch]], *,
+                     halting_confidence: float | None, need_predictor: bool) -> RolloutOutput:
+    """Run the per-image searches that ``make_searches(estimates [N, I] or None)`` returns: the encoder one
+    iteration at a time; whatever lengths the searches ask for that are already encoded are decoded together
+    (:func:`probe_errors`), and an image leaves the encoder's batch once no longer length can be its answer, so
+    images that settle early cost no more encoding."""
+    if need_predictor and model.length_predictor is None:
+        raise ValueError(missing_predictor_message("verified"))
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     all_pixels = run.pixels
     latents = run.encode_step()
     predicted = (_predicted_errors(model, run, latents, num_iterations).float().cpu()
                  if model.length_predictor is not None else None)
-    starts = search_starts(predicted, target_error, batch, num_iterations)
-    searches = [LengthSearch(s, num_iterations, target_error, bisect=predicted is None) for s in starts]
+    searches = make_searches(predicted)
     step_tokens: list[Tensor] = []  # per iteration t: tokens [n_t, L_t] of the images encoded that far
     step_rows: list[dict[int, int]] = []  # per iteration t: image -> its row in step_tokens[t]
 
@@ -280,7 +374,10 @@ def search_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target
     chosen = [s.chosen() for s in searches]
     tokens = [step_tokens[t][step_rows[t][image]].clone() for image, t in enumerate(chosen)]
     errors = torch.tensor([s.errors[t] for s, t in zip(searches, chosen)], dtype=torch.float32)
-    return RolloutOutput(tokens=tokens, num_iterations=torch.tensor(chosen, dtype=torch.long) + 1, errors=errors)
+    estimates = predicted.gather(1, torch.tensor(chosen)[:, None])[:, 0] if predicted is not None else None
+    return RolloutOutput(tokens=tokens, num_iterations=torch.tensor(chosen, dtype=torch.long) + 1, errors=errors,
+                         predicted_errors=estimates if need_predictor else None,
+                         decodes=torch.tensor([len(s.errors) for s in searches], dtype=torch.long))
 
 
 def probe_errors(model: ALITModel, run: RolloutRun, probes: list[tuple[int, int]], step_tokens: list[Tensor],
@@ -300,7 +397,7 @@ def probe_errors(model: ALITModel, run: RolloutRun, probes: list[tuple[int, int]
     return values
 
 
-def missing_predictor_message() -> str:
-    return ("length_rule='predicted' needs a model with a length predictor, and this model has none; fit one with "
+def missing_predictor_message(rule: str = "predicted") -> str:
+    return (f"length_rule={rule!r} needs a model with a length predictor, and this model has none; fit one with "
             "`adaptive-tokenizer fit-length-predictor --model MODEL PHOTOS... -o OUT_DIR` (a few minutes on a CPU) "
-            "and load OUT_DIR, or use length_rule='exact' or 'search'")
+            "and load OUT_DIR, or use length_rule='exact' or 'search' (they need none)")

@@ -56,7 +56,8 @@ class RolloutOutput:
     tokens: list[Tensor]  # per image: [L_i] int64 ids, or [L_i, D] float32 vectors
     num_iterations: Tensor  # [N] int64, iterations behind each image's tokens (L_i / tokens_per_iteration)
     errors: Tensor | None  # [N] float32 measured reconstruction error of the chosen length (measured rules only)
-    predicted_errors: Tensor | None = None  # [N] float32 the length predictor's estimate (predicted rule only)
+    predicted_errors: Tensor | None = None  # [N] float32 the length predictor's estimate (predictor rules only)
+    decodes: Tensor | None = None  # [N] int64 lengths decoded to pixels to choose each length (length rules only)
 
 
 class RecurrentEncoderState:
@@ -250,6 +251,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_co
     tokens: list[Tensor | None] = [None] * batch
     chosen = torch.full((batch,), num_iterations, dtype=torch.long)
     best_error = torch.full((batch,), float("inf")) if selecting else None
+    decodes = torch.zeros(batch, dtype=torch.long) if selecting else None
 
     for t in range(num_iterations):
         latents = run.encode_step()
@@ -279,6 +281,7 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_co
                     tokens[image] = step_tokens[row].clone()
             continue
         error_cpu = check_finite(error).cpu()
+        decodes[run.active.cpu()] += 1
         for row, image in enumerate(run.active.tolist()):
             if error_cpu[row] < best_error[image]:
                 best_error[image] = error_cpu[row]
@@ -290,7 +293,8 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_co
         if not keep.all():
             run.keep(keep.nonzero()[:, 0])
 
-    return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=best_error)  # type: ignore[arg-type]
+    return RolloutOutput(tokens=tokens, num_iterations=chosen, errors=best_error,  # type: ignore[arg-type]
+                         decodes=decodes)
 
 
 def check_finite(error: Tensor) -> Tensor:

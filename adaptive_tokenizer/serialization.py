@@ -10,18 +10,19 @@ shapes a config implies (also what conversion fills).
 Token files (``adaptive-tokenizer encode``) are safetensors holding ``tokens`` (every image's sequence concatenated
 along dim 0: int64 ``[sum L]`` for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens``
 (int64 ``[N]``) and, when a halt threshold was used, ``errors`` (float32 ``[N]``, the measured error of each chosen
-length; rules ``exact`` and ``search``) or ``predicted_errors`` (the length predictor's estimate; rule
-``predicted``). Their metadata holds ``format`` (:data:`TOKEN_FORMAT`), ``latent_kind`` and ``sources`` (a JSON
+length; rules ``exact``, ``search`` and ``verified``) and/or ``predicted_errors`` (the length predictor's estimate;
+rules ``verified`` and ``predicted``). Their metadata holds ``format`` (:data:`TOKEN_FORMAT`), ``latent_kind`` and ``sources`` (a JSON
 list of the image paths). :func:`save_token_file`, :func:`load_token_file`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -158,3 +159,12 @@ def _split_tokens(where: str, tensors: dict[str, Tensor], metadata: dict[str, st
     if not isinstance(sources, list) or len(sources) != len(num_tokens) or not all(isinstance(s, str) for s in sources):
         raise ValueError(f"{where}: sources metadata must be a JSON list of {len(num_tokens)} paths")
     return list(torch.split(tokens, num_tokens.tolist())), sources
+
+
+def model_identity(model: ALITModel) -> tuple[dict[str, Any], bytes]:
+    """``({"config", "weights_sha256"}, weights)``: the sha256 is that of ``weights``, the float32 state dict
+    serialized as ``save_pretrained`` writes it (safetensors), so any copy of the same weights has the same hash
+    (however the model was named or loaded)."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    weights = save(tensors, metadata={"format": "pt"})
+    return {"config": model.config.to_dict(), "weights_sha256": hashlib.sha256(weights).hexdigest()}, weights

@@ -8,8 +8,8 @@
 - ``tokens``: ``list<int32>`` code ids (quantized models) or ``list<fixed_size_list<float32, D>>`` (continuous);
 - ``num_tokens`` (int32); for adaptive runs (``halt_threshold``) also ``error`` and ``predicted_error`` (float32,
   nullable): the reconstruction's *measured* mean absolute pixel error at the chosen length (length rules
-  ``exact`` and ``search``; null for ``predicted``) and the length predictor's *estimate* of it (``predicted``
-  rule only; else null).
+  ``exact``, ``search`` and ``verified``; null for ``predicted``) and the length predictor's *estimate* of it
+  (``verified`` and ``predicted`` rules; else null).
 
 Each shard's Parquet metadata (key ``adaptive_tokenizer``) holds the job's settings (model config and weights
 sha256, encode arguments, shard size, source identity, library version), the model's name, the shard's position
@@ -163,12 +163,21 @@ def write_errors(directory: Path, failures: Sequence[Failure]) -> None:
 def check_same_job(directory: Path, settings: dict[str, Any], shards: dict[int, Path]) -> None:
     """Refuse to continue a job in ``directory`` whose finished shards were made with other settings."""
     for path in shards.values():
-        recorded = shard_info(path)["settings"]
+        recorded = with_length_rule(shard_info(path)["settings"])
         if recorded != settings:
             differences = sorted(_differences(recorded, settings))
             raise ValueError(
                 f"{directory} already holds shards tokenized with other settings ({'; '.join(differences)}); "
                 f"use another output folder, or delete {directory} to start over")
+
+
+def with_length_rule(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings recorded before the effective length rule was: a ``halt_threshold`` without ``length_rule`` ran
+    the default of that time, ``"exact"``."""
+    encode = settings.get("encode", {})
+    if "halt_threshold" in encode and "length_rule" not in encode:
+        return {**settings, "encode": dict(sorted({**encode, "length_rule": "exact"}.items()))}
+    return settings
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:

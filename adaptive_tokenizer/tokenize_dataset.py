@@ -13,7 +13,6 @@ The local engine decodes images in a pool of threads (``workers``) while the mod
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -27,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
 from .dataset_source import DatasetSource, open_source
 from .image_io import ImageInput, load_images
+from .length_rules import resolve_length_rule
+from .serialization import model_identity
 from .token_shards import (FORMAT, Failure, ShardStats, check_same_job, finished_shards, read_index, read_stats,
                            remove_stale_temporaries, shard_table, write_errors, write_index, write_shard)
 from .tokenizer import AdaptiveTokenizer
@@ -77,18 +77,10 @@ class TokenizeSummary:
 
 
 # ---- the job: settings, shard plan, assembling rows into shards -------------------------------------------------
-def model_identity(tok: AdaptiveTokenizer) -> tuple[dict[str, Any], bytes]:
-    """``({"config", "weights_sha256"}, weights)``: the sha256 is that of ``weights``, the float32 state dict
-    serialized as ``save_pretrained`` writes it (safetensors), so any copy of the same weights has the same hash
-    (however the model was named or loaded)."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tok.model.state_dict().items()}
-    weights = save(tensors, metadata={"format": "pt"})
-    return {"config": tok.config.to_dict(), "weights_sha256": hashlib.sha256(weights).hexdigest()}, weights
-
-
 def encode_settings(tok: AdaptiveTokenizer, encode_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``tok.encode`` keyword arguments as recorded (``budget`` spelled ``max_tokens``, None values dropped); a
-    name ``encode`` does not take is a TypeError now rather than after the first batch."""
+    """``tok.encode`` keyword arguments as recorded (``budget`` spelled ``max_tokens``, None values dropped, and
+    with ``halt_threshold`` the *effective* ``length_rule``, the default resolved for this model, so a resumed job
+    never mixes rules); a name ``encode`` does not take is a TypeError now rather than after the first batch."""
     kwargs = {k: v for k, v in dict(encode_kwargs or {}).items() if v is not None}
     if "budget" in kwargs:
         if "max_tokens" in kwargs:
@@ -99,6 +91,8 @@ def encode_settings(tok: AdaptiveTokenizer, encode_kwargs: Mapping[str, Any] | N
     if unknown:
         raise TypeError(f"unknown encode options {unknown}; AdaptiveTokenizer.encode takes "
                         f"{[p for p in parameters if p != 'images']}")
+    if "halt_threshold" in kwargs:
+        kwargs["length_rule"] = resolve_length_rule(tok.model, kwargs["halt_threshold"], kwargs.get("length_rule"))
     return dict(sorted(kwargs.items()))
 
 
@@ -212,7 +206,7 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
     else:
         source = open_source(source, image_column)
     tok, model_name = _load_model(model, device)
-    identity, weights = model_identity(tok)
+    identity, weights = model_identity(tok.model)
     from . import __version__
 
     settings = {"library_version": __version__, "model": identity, "encode": encode_settings(tok, encode_kwargs),

@@ -17,7 +17,8 @@ from .hub import CARD_NAME, Manifest, ModelInfo, push_folder, render_model_card,
 from .image_io import ImageInput, load_images
 from .io_utils import write_atomic
 from .model import ALITModel
-from .length_rules import LENGTH_RULES, LengthRule, choose_length, missing_predictor_message, predict_errors
+from .length_rules import (LengthRule, choose_length, missing_predictor_message, predict_errors,
+                           resolve_length_rule)
 from .rollout import IterationRecord, reconstruct, rollout
 from .serialization import load_model_files, save_model_files
 
@@ -36,14 +37,17 @@ class EncodeResult:
     ``tokens[i]``: ``[L_i]`` int64 code ids (quantized models) or ``[L_i, D]`` float32 vectors (continuous).
     ``num_tokens``: ``[N]`` int64, ``L_i``. ``errors``: ``[N]`` float32 *measured* mean absolute pixel error of
     the chosen length (``halt_threshold`` with the ``"exact"`` or ``"search"`` rule; else None).
-    ``predicted_errors``: ``[N]`` float32 the length predictor's *estimate* of that error (``"predicted"`` rule
-    only; else None). See :meth:`AdaptiveTokenizer.encode`.
+    ``predicted_errors``: ``[N]`` float32 the length predictor's *estimate* of that error (``"verified"`` and
+    ``"predicted"`` rules; else None). ``length_rule``: the rule that chose the lengths (None for a fixed budget):
+    what ran, so a default that fell back to ``"exact"`` (a model without a length predictor) says so.
+    See :meth:`AdaptiveTokenizer.encode`.
     """
 
     tokens: list[Tensor]
     num_tokens: Tensor
     errors: Tensor | None = None
     predicted_errors: Tensor | None = None
+    length_rule: str | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -77,6 +81,9 @@ class AdaptiveTokenizer:
         self.config = model.config
         self.batch_size = batch_size
         self.info = info  # model card facts (description, licence, provenance); from the manifest when loaded by name
+        # what from_pretrained loads this model from again (a manifest name, org/name[@revision] or a folder);
+        # None for a model built in memory
+        self.name_or_path: str | None = None
 
     # ---- loading / saving ----------------------------------------------------------------------------------
     @classmethod
@@ -103,7 +110,12 @@ class AdaptiveTokenizer:
         model = ALITModel(config)
         model.load_state_dict(weights, strict=True, assign=True)
         info = resolved.entry.info if resolved.entry is not None else None
-        return cls(model, info=info).to(device=device, dtype=dtype)
+        tok = cls(model, info=info).to(device=device, dtype=dtype)
+        if name_or_path is None:
+            tok.name_or_path = resolved.entry.name if resolved.entry is not None else None
+        else:
+            tok.name_or_path = str(name_or_path) + (f"@{revision}" if revision else "")
+        return tok
 
     def save_pretrained(self, directory: str | os.PathLike, *, info: ModelInfo | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` (float32) and a model card ``README.md`` to ``directory``.
@@ -172,15 +184,18 @@ class AdaptiveTokenizer:
         ``max_tokens`` (alias ``budget``): tokens per image, at most; rounded down to a multiple of
         ``tokens_per_iteration``; default the model's maximum. Only the iterations it needs are run. Without
         ``halt_threshold`` every image gets exactly ``max_tokens`` tokens.
-        ``halt_threshold``: a target error. Each image gets the fewest tokens whose reconstruction's mean absolute
-        pixel error (pixels in [0, 1]) is ``<=`` it, else the length with the lowest error up to ``max_tokens``.
-        ``length_rule``: how that length is found (``length_rules.py``): ``"exact"`` (default: decode every length
-        up to the answer), ``"search"`` (decode around the predicted length; the same lengths when an image's error
-        crosses the target once, about half the decodes), ``"predicted"`` (the model's length predictor alone: no
-        decoding, fixed-budget speed; needs a model with a predictor).
+        ``halt_threshold``: a target error. Each image gets a length whose reconstruction's mean absolute pixel
+        error (pixels in [0, 1]) is ``<=`` it, else the length with the lowest error up to ``max_tokens``.
+        ``length_rule``: how that length is found (``length_rules.py``; ``result.length_rule`` says which ran):
+        ``"verified"`` (default for a model with a length predictor: decode the predicted length, step up while the
+        target is missed; about 1.3 decodes per image), ``"exact"`` (default without a predictor: decode every
+        length up to the answer; always the fewest tokens), ``"search"`` (the exact rule's lengths when an image's
+        error crosses the target once, about half its decodes), ``"predicted"`` (the length predictor alone: no
+        decoding, fixed-budget speed, the target not checked). ``"verified"`` and ``"predicted"`` need a model with
+        a length predictor.
         """
         num_iterations = self._iterations_for(max_tokens, budget)
-        rule = self._length_rule(halt_threshold, length_rule)
+        rule = resolve_length_rule(self.model, halt_threshold, length_rule)
         if halt_threshold is not None:
             halt_threshold = check_halt_threshold(halt_threshold)
         pixels = load_images(images, self.config.image_size)
@@ -199,19 +214,7 @@ class AdaptiveTokenizer:
         errors = torch.cat([out.errors for out in parts]) if parts[0].errors is not None else None
         predicted = (torch.cat([out.predicted_errors for out in parts]) if parts[0].predicted_errors is not None
                      else None)
-        return EncodeResult(tokens, num_tokens, errors, predicted)
-
-    def _length_rule(self, halt_threshold: float | None, length_rule: str | None) -> str | None:
-        if length_rule is None:
-            return None if halt_threshold is None else "exact"
-        if length_rule not in LENGTH_RULES:
-            raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
-        if halt_threshold is None:
-            raise ValueError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
-                             "too (without it every image gets max_tokens tokens)")
-        if length_rule == "predicted" and self.model.length_predictor is None:
-            raise ValueError(missing_predictor_message())
-        return length_rule
+        return EncodeResult(tokens, num_tokens, errors, predicted, length_rule=rule)
 
     def predict_errors(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """The length predictor's estimate of each image's mean absolute pixel error at every length, ``[N, I]``

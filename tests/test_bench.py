@@ -50,9 +50,9 @@ def test_bench_cli_takes_the_preset_and_dtype_names_of_the_library(capsys):
 
 
 def test_rules_benchmark_times_every_rule_side_by_side():
-    """``bench --rules``: the authors' algorithm, the exact, search and predicted rules and a fixed budget in one
-    run over every image, in batches, with the ratios of images/s and whether the search found the exact rule's
-    lengths."""
+    """``bench --rules``: the authors' algorithm, the exact, search, verified and predicted rules and a fixed budget
+    in one run over every image, in batches, with the ratios of images/s, whether the search found the exact rule's
+    lengths, and each rule's decodes per image, mean tokens and share meeting its target."""
     import torch
 
     from adaptive_tokenizer.bench import run_rules_benchmark
@@ -66,7 +66,16 @@ def test_rules_benchmark_times_every_rule_side_by_side():
     assert json.loads(lines[-1]) == summary
     assert (summary["images"], summary["batch"]) == (4, 3)
     for key in ("search_vs_exact", "predicted_vs_exact", "predicted_vs_reference", "predicted_vs_fixed",
-                "exact_vs_reference"):
+                "verified_vs_exact", "verified_vs_search", "exact_vs_reference"):
         assert summary[key] > 0
     assert 0 <= summary["search_same_lengths_as_exact"] <= 1
-    assert [line.split()[0] for line in lines[1:-1]] == ["reference", "exact", "search", "predicted", "fixed"]
+    assert [line.split()[0] for line in lines[:-1]] == ["what", "reference", "exact", "search", "verified",
+                                                         "predicted", "fixed"]
+    rules = summary["rules"]
+    assert rules["predicted"]["decodes_per_image"] == 0 and rules["fixed"]["decodes_per_image"] == 0
+    assert rules["fixed"]["mean_tokens"] == 16 and rules["exact"]["decodes_per_image"] >= 1
+    assert 1 <= rules["verified"]["decodes_per_image"] <= rules["exact"]["decodes_per_image"] + 4
+    for row in rules.values():
+        assert 0 <= row["share_meeting_target"] <= 1 and 0 <= row["fixed_share_meeting_target"] <= 1
+    # the fixed row is judged at the exact rule's target: its share is the fixed share there
+    assert rules["fixed"]["share_meeting_target"] == rules["exact"]["fixed_share_meeting_target"]

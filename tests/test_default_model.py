@@ -36,6 +36,8 @@ MEASURED_L1_32, MEASURED_L1_256 = 0.0826, 0.0524
 # own target for 128 mean tokens.
 EXACT_TARGET, EXACT_SHARE, EXACT_SPEARMAN = 0.0634, 7 / 11, 0.876
 PREDICTED_TARGET = 0.0635
+# The verified rule (the default): its own target for 128 mean tokens and its share of photos reaching it.
+VERIFIED_TARGET, VERIFIED_SHARE = 0.0648, 8 / 11
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_a_quality_target_costs_fewer_tokens_adaptively(tok):
     photos to it (a fixed budget needs 160 tokens for as many), gives the longer lengths to the more complex
     photos, and reports the measured error of each chosen length."""
     images = load_images(PHOTOS, tok.config.image_size)
-    exact = tok.encode(images, halt_threshold=EXACT_TARGET)
+    exact = tok.encode(images, halt_threshold=EXACT_TARGET, length_rule="exact")
     lengths = exact.num_tokens.double()
     assert lengths.mean().item() == 128.0
     assert (exact.errors <= EXACT_TARGET).double().mean().item() == pytest.approx(EXACT_SHARE)
@@ -84,7 +86,7 @@ def test_search_and_predicted_rules_on_the_default_model(tok):
     brings to the target, have their lowest error before the longest length); the predicted rule, at its own target
     for 128 mean tokens, lands within one iteration of the exact rule for 10 of 11 photos."""
     images = load_images(PHOTOS, tok.config.image_size)
-    exact = tok.encode(images, halt_threshold=EXACT_TARGET)
+    exact = tok.encode(images, halt_threshold=EXACT_TARGET, length_rule="exact")
     search = tok.encode(images, halt_threshold=EXACT_TARGET, length_rule="search")
     assert search.num_tokens.tolist() == exact.num_tokens.tolist()
     assert all(torch.equal(a, b) for a, b in zip(search.tokens, exact.tokens))
@@ -92,8 +94,22 @@ def test_search_and_predicted_rules_on_the_default_model(tok):
     assert search.errors.tolist() == pytest.approx(exact.errors.tolist(), abs=error_atol(tok))
     predicted = tok.encode(images, halt_threshold=PREDICTED_TARGET, length_rule="predicted")
     assert predicted.errors is None and predicted.num_tokens.double().mean().item() == 128.0
-    exact_there = tok.encode(images, halt_threshold=PREDICTED_TARGET).num_tokens
+    exact_there = tok.encode(images, halt_threshold=PREDICTED_TARGET, length_rule="exact").num_tokens
     assert ((predicted.num_tokens - exact_there).abs() <= 32).sum().item() == 10
+
+
+def test_the_default_rule_is_verified_on_the_default_model(tok):
+    """docs/adaptive_length.md's row: with no length_rule the default model runs the verified rule; at its own
+    target for 128 mean tokens it brings 8 of the 11 photos to the target (a fixed 128 tokens: 6), each chosen length
+    meeting it wherever a length from the predicted start on does, with the measured error reported."""
+    images = load_images(PHOTOS, tok.config.image_size)
+    result = tok.encode(images, halt_threshold=VERIFIED_TARGET)
+    assert result.length_rule == "verified" and result.num_tokens.double().mean().item() == 128.0
+    assert (result.errors <= VERIFIED_TARGET).double().mean().item() == pytest.approx(VERIFIED_SHARE)
+    _, errors = tok.reconstructions(images)
+    assert (errors[:, 3] <= VERIFIED_TARGET).sum().item() == 6
+    chosen = result.num_tokens // 32 - 1
+    assert result.errors.tolist() == pytest.approx(errors[range(len(images)), chosen].tolist(), abs=error_atol(tok))
 
 
 def test_tokens_are_prefixes_and_independent_of_the_batch(tok):

@@ -29,6 +29,8 @@ def cpu_reference(converted_dirs, images):
 def test_encode_decode_on_every_device(converted_dirs, images, cpu_reference, device, dtype):
     cpu_tok, fixed, pixels, adaptive = cpu_reference
     tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"], device=device, dtype=dtype)
+    if dtype != "float32":  # one image: CPUs without native bfloat16 (AVX2 only) emulate it, about 50 s per image
+        images, fixed, pixels = images[:1], type(fixed)(fixed.tokens[:1], fixed.num_tokens[:1]), pixels[:1]
     result = tok.encode(images.to(device), budget=64)
     assert all(t.device.type == "cpu" and t.dtype == torch.long and len(t) == 64 for t in result.tokens)
     decoded = tok.decode(fixed)

@@ -1,8 +1,9 @@
-"""Length rules of ``encode(halt_threshold=E, length_rule=...)``: one target, three ways to reach it.
+"""Length rules of ``encode(halt_threshold=E, length_rule=...)``: one target, four ways to reach it.
 
 On small random models (both rollouts, halting on and off): the exact rule is the first length whose error meets
 the target; the search rule finds the same length wherever the lengths meeting the target form one run (and,
-when none does, the error does not fall again after two rises), with fewer pixel decodes; the predicted rule runs
+when none does, the error does not fall again after two rises), with fewer pixel decodes; the verified rule decodes
+the predicted length and steps up only while the target is missed; the predicted rule runs
 exactly the iterations its predicted length needs, with no decoder and no pixel decode, and a predicted length k
 gives exactly the tokens of ``encode(budget=k)``. Every rule decides each image
 alone. The length predictor round-trips through ``save_pretrained`` / ``from_pretrained``.
@@ -16,7 +17,9 @@ import torch
 
 from adaptive_tokenizer import AdaptiveTokenizer
 from adaptive_tokenizer.fit_length_predictor import fit_head, measure_batch, with_predictor
-from adaptive_tokenizer.length_rules import LengthSearch, choose_iterations, search_starts
+from adaptive_tokenizer.length_report import verified_choices
+from adaptive_tokenizer.length_rules import (VERIFIED_START_MARGIN, LengthSearch, VerifiedStep, choose_iterations,
+                                             search_starts, verified_iterations)
 
 from .test_rollout import Counter, small_model
 
@@ -191,7 +194,89 @@ def test_predicted_rule_runs_exactly_the_predicted_iterations_without_decoding(t
         assert torch.equal(result.tokens[index], tok.encode(pixels[index], budget=k).tokens[0])
 
 
-@pytest.mark.parametrize("rule", ["exact", "search", "predicted"])
+def replay_verified(row, start, threshold):
+    """The verified rule's bookkeeping on a known error row: (chosen iteration index, decodes)."""
+    step = VerifiedStep(start, len(row), threshold)
+    while probes := step.next_probes():
+        assert not set(probes) & set(step.errors)
+        step.errors.update({probe: float(row[probe]) for probe in probes})
+    return step.chosen(), len(step.errors)
+
+
+def test_verified_rule_steps_up_from_the_predicted_length(tok, pixels):
+    """The verified rule decodes the predicted length (estimate x (1 + VERIFIED_START_MARGIN) meeting the target)
+    and steps up while the measured error is above it: its lengths are the replay on the measured errors, its errors
+    measured, its estimates kept apart; a chosen length k gives exactly the tokens of ``encode(budget=k)``."""
+    errors, thresholds = thresholds_of(tok, pixels)
+    predicted = tok.predict_errors(pixels)[:, : BUDGET // 8]
+    stepped_up = 0
+    for threshold in thresholds:
+        result = tok.encode(pixels, max_tokens=BUDGET, halt_threshold=threshold, length_rule="verified")
+        assert result.length_rule == "verified"
+        starts = choose_iterations(predicted * (1 + VERIFIED_START_MARGIN), [threshold])[0]
+        chosen, decodes = (t[0] for t in verified_choices(errors, predicted, [threshold]))
+        assert result.num_tokens.tolist() == ((chosen + 1) * 8).tolist()
+        assert result.errors.tolist() == pytest.approx(errors[range(len(pixels)), chosen].tolist(), abs=1e-6)
+        assert result.predicted_errors.tolist() == pytest.approx(predicted[range(len(pixels)), chosen].tolist(),
+                                                                 rel=1e-5)
+        for index, row in enumerate(errors):
+            start = int(starts[index])
+            assert int(chosen[index]) >= start  # never below the start
+            if (row[start:] <= threshold).any():  # a length from the start on meets it: the chosen one does
+                assert row[chosen[index]] <= threshold + 1e-6
+            stepped_up += int(chosen[index]) > start
+    assert stepped_up > 0  # some image missed the target at its start
+    for index in range(len(pixels)):
+        k = int(result.num_tokens[index])
+        assert torch.equal(result.tokens[index], tok.encode(pixels[index], budget=k).tokens[0])
+
+
+def test_verified_rule_on_a_table_is_its_bookkeeping():
+    """``verified_iterations`` (the table form that ``evaluate`` and ``bench`` replay) makes the per-image
+    bookkeeping's choices and counts its decodes: one at the start, one more per step up, every length from the
+    start on when none meets the target (the lowest error seen, first on ties)."""
+    generator = torch.Generator().manual_seed(4)
+    falling = torch.rand(100, 8, generator=generator).sort(dim=1, descending=True).values
+    bumpy = falling + 0.15 * torch.rand(100, 8, generator=generator)
+    ties = torch.tensor([[0.5, 0.4, 0.4, 0.45, 0.4, 0.6, 0.7, 0.4]])
+    for curves in (falling, bumpy, ties):
+        starts = torch.randint(0, 8, (3, len(curves)), generator=generator)
+        thresholds = [0.2, 0.5, 0.8]
+        chosen, decodes = verified_iterations(curves, starts, thresholds)
+        for t, threshold in enumerate(thresholds):
+            for row, start, c, d in zip(curves, starts[t].tolist(), chosen[t].tolist(), decodes[t].tolist()):
+                assert (c, d) == replay_verified(row, start, threshold)
+    assert replay_verified(ties[0], 1, 0.3) == (1, 7)  # none meets 0.3: the first lowest error seen (0.4 at 1)
+    assert replay_verified(torch.tensor([0.9, 0.2, 0.1, 0.05]), 2, 0.3) == (2, 1)  # never walks down
+
+
+def test_verified_rule_decodes_about_once_where_the_start_meets_the_target():
+    """With a target every image meets at its start, the verified rule encodes to the start and decodes once per
+    image: images leave the encoder's batch once their answer is known."""
+    tok = tokenizer("cached", False, predictor=True)
+    pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    from adaptive_tokenizer.length_rules import choose_length
+
+    with torch.inference_mode():
+        out = choose_length(tok.model, pixels, 4, 10.0, "verified")
+    assert out.num_iterations.tolist() == [1] * 4 and out.decodes.tolist() == [1] * 4
+
+
+def test_default_rule_is_verified_with_a_predictor_and_exact_without(pixels):
+    """``halt_threshold`` without ``length_rule``: the verified rule on a model with a length predictor, the exact
+    rule on one without (the fallback is said in ``result.length_rule``); a fixed budget has no rule."""
+    with_predictor = tokenizer("cached", False, predictor=True)
+    plain = tokenizer("cached", False, predictor=False)
+    default = with_predictor.encode(pixels, max_tokens=BUDGET, halt_threshold=0.3)
+    verified = with_predictor.encode(pixels, max_tokens=BUDGET, halt_threshold=0.3, length_rule="verified")
+    assert default.length_rule == "verified" and default.num_tokens.tolist() == verified.num_tokens.tolist()
+    fallback = plain.encode(pixels, max_tokens=BUDGET, halt_threshold=0.3)
+    exact = plain.encode(pixels, max_tokens=BUDGET, halt_threshold=0.3, length_rule="exact")
+    assert fallback.length_rule == "exact" and fallback.num_tokens.tolist() == exact.num_tokens.tolist()
+    assert plain.encode(pixels, budget=16).length_rule is None
+
+
+@pytest.mark.parametrize("rule", ["exact", "search", "verified", "predicted"])
 def test_every_rule_decides_each_image_alone(tok, pixels, rule):
     _, thresholds = thresholds_of(tok, pixels)
     threshold = thresholds[len(thresholds) // 2]
@@ -218,10 +303,12 @@ def test_predictor_round_trips_through_save_and_load(tok, pixels, tmp_path):
     assert a.num_tokens.tolist() == b.num_tokens.tolist()
 
 
-def test_predicted_rule_needs_a_predictor(pixels):
+def test_predictor_rules_need_a_predictor(pixels):
     plain = tokenizer("cached", False, predictor=False)
-    with pytest.raises(ValueError, match="fit-length-predictor"):
-        plain.encode(pixels, halt_threshold=0.1, length_rule="predicted")
+    for rule in ("predicted", "verified"):
+        with pytest.raises(ValueError, match=f"length_rule='{rule}' needs a model with a length predictor.*"
+                                             "fit-length-predictor"):
+            plain.encode(pixels, halt_threshold=0.1, length_rule=rule)
     with pytest.raises(ValueError, match="fit-length-predictor"):
         plain.predict_errors(pixels)
     # the measured rules work without one (the search bisects)
@@ -317,7 +404,8 @@ def test_cross_validation_folds_split_the_images_by_name_hash():
             image_folds(names, bad)
 
 
-@pytest.mark.parametrize("rule,stored", [("search", "errors"), ("predicted", "predicted_errors")])
+@pytest.mark.parametrize("rule,stored", [("search", {"errors"}), ("verified", {"errors", "predicted_errors"}),
+                                         ("predicted", {"predicted_errors"})])
 def test_cli_encode_takes_the_length_rule(tmp_path, pixels, rule, stored):
     """``encode --length-rule``: the token file holds the library's lengths and the measured errors (exact, search)
     or the estimates (predicted), each under its own name."""
@@ -340,14 +428,14 @@ def test_cli_encode_takes_the_length_rule(tmp_path, pixels, rule, stored):
     stored_tensors = load_file(out)
     expected = tok.encode(paths, halt_threshold=threshold, length_rule=rule)
     assert stored_tensors["num_tokens"].tolist() == expected.num_tokens.tolist()
-    assert set(stored_tensors) == {"tokens", "num_tokens", stored}
+    assert set(stored_tensors) == {"tokens", "num_tokens", *stored}
 
 
 def test_broken_predictor_weights_are_a_clear_error(pixels):
     tok = tokenizer("cached", False, predictor=True)
     with torch.no_grad():
         tok.model.length_predictor.net[-1].bias.fill_(float("nan"))
-    for rule in ("predicted", "search"):
+    for rule in ("predicted", "search", "verified"):
         with pytest.raises(ValueError, match="non-finite"):
             tok.encode(pixels, halt_threshold=0.1, length_rule=rule)
 

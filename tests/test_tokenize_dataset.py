@@ -371,3 +371,31 @@ def test_writing_is_atomic(tmp_path, monkeypatch):
         token_shards.write_shard(tmp_path, 0, table, [], {})
     assert list(tmp_path.iterdir()) == []
     assert np.array_equal(table["tokens"].to_pylist()[0], [1, 2])
+
+
+def test_the_effective_length_rule_is_recorded_so_a_resumed_job_never_mixes_rules(photo_dir, tmp_path):
+    """With ``halt_threshold`` and no ``length_rule`` the settings record the rule that ran: ``"verified"`` for a
+    model with a length predictor, ``"exact"`` (the fallback) without one. A rerun asking for another rule is
+    refused by name; shards written before the rule was recorded count as ``"exact"``, the default of their time."""
+    from adaptive_tokenizer.token_shards import with_length_rule
+
+    from .test_length_rules import tokenizer
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for key in photo_dir[1][:3]:
+        Image.open(photo_dir[0] / key).save(folder / Path(key).name)
+    for predictor, rule in ((True, "verified"), (False, "exact")):
+        tok = tokenizer("cached", False, predictor=predictor)
+        out = tmp_path / f"tokens_{rule}"
+        tokenize_dataset(folder, out, model=tok, encode_kwargs={"halt_threshold": 0.2}, shard_size=2)
+        index = json.loads((out / "index.json").read_text())
+        assert index["settings"]["encode"] == {"halt_threshold": 0.2, "length_rule": rule}
+        with pytest.raises(ValueError, match=f'encode.length_rule: "{rule}" before, "search" now'):
+            tokenize_dataset(folder, out, model=tok, encode_kwargs={"halt_threshold": 0.2, "length_rule": "search"},
+                             shard_size=2)
+        tokenize_dataset(folder, out, model=tok, encode_kwargs={"halt_threshold": 0.2, "length_rule": rule},
+                         shard_size=2)  # the same rule named: the same job
+    old = {"encode": {"halt_threshold": 0.2, "max_tokens": 64}, "shard_size": 2}
+    assert with_length_rule(old)["encode"] == {"halt_threshold": 0.2, "length_rule": "exact", "max_tokens": 64}
+    assert with_length_rule({"encode": {"max_tokens": 64}}) == {"encode": {"max_tokens": 64}}

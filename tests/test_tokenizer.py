@@ -256,7 +256,7 @@ def test_save_pretrained_round_trip(tok_a, images, tmp_path):
 def test_bfloat16_on_cpu_and_dtype_errors(converted_dirs, images):
     tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"], dtype="bf16")
     assert tok.dtype == torch.bfloat16
-    result = tok.encode(images, budget=64)
+    result = tok.encode(images[:1], budget=64)  # one image: CPUs without native bfloat16 emulate it (slow)
     assert result.tokens[0].dtype == torch.long and len(result.tokens[0]) == 64
     assert tok.decode(result).dtype == torch.float32
     with pytest.raises(ValueError, match="not supported on cpu"):

@@ -35,7 +35,8 @@ def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, 
     return EncodeResult(tokens=[t for part in parts for t in part.tokens],
                         num_tokens=torch.cat([part.num_tokens for part in parts]),
                         errors=torch.cat(errors) if errors else None,
-                        predicted_errors=torch.cat(predicted) if predicted else None)
+                        predicted_errors=torch.cat(predicted) if predicted else None,
+                        length_rule=parts[0].length_rule)
 
 
 def encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +49,10 @@ def encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halt-threshold", type=float, metavar="E",
                    help="target error: each image gets the fewest tokens whose mean absolute pixel error is <= E")
     p.add_argument("--length-rule", choices=LENGTH_RULES, default=None,
-                   help="how --halt-threshold lengths are found: exact (default; decode every length up to the "
-                        "answer), search (decode around the predicted length), predicted (the model's length "
-                        "predictor alone, no decoding)")
+                   help="how --halt-threshold lengths are found: verified (default with a length predictor: decode "
+                        "the predicted length, step up while the target is missed), exact (default without one: "
+                        "decode every length up to the answer), search (the exact rule's lengths, fewer decodes), "
+                        "predicted (the length predictor alone, no decoding)")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default: 16)")
 
 

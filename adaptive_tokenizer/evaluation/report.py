@@ -26,7 +26,7 @@ from ..metrics import PSNR_CAP_DB
 REPORT_FORMAT = "adaptive-tokenizer-evaluation/1"
 REPORT_FILE = "report.json"
 FIGURES = {"grid": "grid.png", "l1_vs_tokens": "l1_vs_tokens.png", "lengths_histogram": "lengths_histogram.png",
-           "length_vs_complexity": "length_vs_complexity.png"}
+           "length_vs_complexity": "length_vs_complexity.png", "target_frontier": "target_frontier.png"}
 METRIC_NOTES = {
     "pixels": "[0, 1]; inputs resized and centre-cropped to the model resolution",
     "l1_psnr_ssim": "of the reconstruction clamped to [0, 1]",
@@ -226,11 +226,45 @@ class PredictedRule(RuleSummary):
 
 
 @dataclass
+class AtExactTarget:
+    mean_tokens: float
+    share_meeting_target: float
+    decodes_per_image: float
+    same_length_as_exact: float
+
+
+@dataclass
+class VerifiedRule(ExactRule):
+    start_margin: float
+    fixed_budget: int
+    fixed_share_meeting_target: float
+    at_exact_threshold: AtExactTarget
+
+
+@dataclass
+class FrontierPoint:
+    mean_tokens: float
+    share_meeting_target: float
+    decodes_per_image: float
+
+
+@dataclass
+class Frontier:
+    """Every rule and every fixed budget at one quality target (the exact rule's for ``target_tokens``)."""
+    threshold: float
+    fixed_budgets: list[int]
+    fixed_share_meeting_target: list[float]
+    rules: dict[str, FrontierPoint]
+
+
+@dataclass
 class LengthRules:
     target_tokens: int
     exact: ExactRule
     search: SearchRule
     predicted: PredictedRule | None = field(default=None, metadata=OMIT_IF_NONE)  # with a length predictor
+    verified: VerifiedRule | None = field(default=None, metadata=OMIT_IF_NONE)  # with a length predictor
+    frontier: Frontier | None = field(default=None, metadata=OMIT_IF_NONE)  # reports written before it have none
 
 
 # ---- per image -----------------------------------------------------------------------------------------------

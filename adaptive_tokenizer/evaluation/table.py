@@ -56,7 +56,8 @@ def format_rules(rules: LengthRules) -> list[str]:
     lines = [f"length rules at the target whose mean length is closest to {rules.target_tokens} tokens:",
              f"{'rule':>10}  {'target E':>9}  {'tokens':>7}  {'L1':>7}  {'reach E':>7}  {'fixed for same':>14}  "
              f"{'Spearman':>8}  {'decodes':>7}"]
-    for name, row in (("exact", rules.exact), ("search", rules.search), ("predicted", rules.predicted)):
+    for name, row in (("exact", rules.exact), ("search", rules.search), ("verified", rules.verified),
+                      ("predicted", rules.predicted)):
         if row is None:
             continue
         fixed = row.fixed_budget_for_same_share
@@ -66,6 +67,11 @@ def format_rules(rules: LengthRules) -> list[str]:
                      f"{fixed if fixed is not None else 'none':>14}  "
                      f"{fmt_correlation(row.spearman_length_vs_complexity):>8}  {decodes:7.2f}")
     lines.append(f"  search: same length as exact for {rules.search.same_length_as_exact:.1%} of images")
+    if (v := rules.verified) is not None:
+        at = v.at_exact_threshold
+        lines.append(f"  verified: fixed {v.fixed_budget} reaches its E for {v.fixed_share_meeting_target:.1%}; at the "
+                     f"exact rule's E: {at.share_meeting_target:.1%} reach it with {at.mean_tokens:.1f} tokens, "
+                     f"{at.decodes_per_image:.2f} decodes, same length as exact {at.same_length_as_exact:.1%}")
     if (p := rules.predicted) is not None:
         lines.append(f"  predicted: within one iteration of exact {p.within_one_of_exact:.1%}, same "
                      f"{p.same_length_as_exact:.1%}; fixed {p.fixed_budget} reaches its E for "
