@@ -72,6 +72,12 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def num_tokens(self) -> np.ndarray:
+        """Every row's token count ``[len(self)]`` int64, in row order, from the shards' ``num_tokens`` column alone
+        (for length-grouped sampling: ``adaptive_tokenizer.vlm.length_grouped_sampler``)."""
+        columns = [pq.read_table(path, columns=["num_tokens"]).column("num_tokens").to_numpy() for path in self._paths]
+        return np.concatenate(columns).astype(np.int64) if columns else np.zeros(0, dtype=np.int64)
+
     @property
     def errors_file(self) -> Path:
         """``errors.jsonl``: the inputs that were skipped, with reasons."""

@@ -51,18 +51,22 @@ def test_quickstart(model_dir, image_paths, tmp_path):
         assert strip.width == 6 * 256
 
 
-def test_downstream_transformer(model_dir, image_paths, tmp_path):
-    result = run_example("downstream_transformer.py", *image_paths, "--model", model_dir, "--halt-threshold", "0.5",
-                         cwd=tmp_path)
-    assert "logits (3, " in result.stdout and "vocab 1131" in result.stdout
+def test_vlm_finetune_trains_packed_rows_and_generates_a_span(model_dir, image_paths, tmp_path):
+    pytest.importorskip("transformers")
+    result = run_example("vlm_finetune.py", *image_paths, "--model", model_dir, "--halt-threshold", "0.5",
+                         "--steps", "3", "--width", "32", "--out", tmp_path / "gen.png", cwd=tmp_path)
+    assert "3 rows; image tokens per photo: [" in result.stdout and "step    2  loss " in result.stdout
+    with Image.open(tmp_path / "gen.png") as strip:  # the tokenized photo and the generated one
+        assert strip.width == 2 * 256
 
 
-def test_downstream_transformer_trains_on_a_tokenized_folder(model_dir, image_paths, tmp_path):
+def test_vlm_finetune_trains_on_a_tokenized_folder(model_dir, image_paths, tmp_path):
+    pytest.importorskip("transformers")
     pytest.importorskip("pyarrow")
     from adaptive_tokenizer.cli import main
 
     tokens = tmp_path / "tokens"
     assert main(["tokenize", str(image_paths[0].parent), str(tokens), "--model", str(model_dir), "--budget", "32"]) == 0
-    result = run_example("downstream_transformer.py", "--tokens", tokens, "--steps", "2", cwd=tmp_path)
-    assert "3 tokenized images" in result.stdout
-    assert "step 1: batch (3, 34), lengths [34, 34, 34], loss " in result.stdout
+    result = run_example("vlm_finetune.py", "--tokens", tokens, "--model", model_dir, "--steps", "2", "--width", "32",
+                         "--out", tmp_path / "gen.png", cwd=tmp_path)
+    assert "3 rows; image tokens per photo: [32, 32, 32]" in result.stdout

@@ -399,3 +399,9 @@ def test_the_effective_length_rule_is_recorded_so_a_resumed_job_never_mixes_rule
     old = {"encode": {"halt_threshold": 0.2, "max_tokens": 64}, "shard_size": 2}
     assert with_length_rule(old)["encode"] == {"halt_threshold": 0.2, "length_rule": "exact", "max_tokens": 64}
     assert with_length_rule({"encode": {"max_tokens": 64}}) == {"encode": {"max_tokens": 64}}
+
+
+def test_token_dataset_lists_every_rows_length_from_one_column(budget_run):
+    data = TokenDataset(budget_run)
+    lengths = data.num_tokens()
+    assert lengths.dtype == np.int64 and lengths.tolist() == [data[i]["num_tokens"] for i in range(len(data))]
