@@ -283,3 +283,11 @@ def test_constrained_generation_makes_a_span_that_decodes(tok):
     assert end in (8, 16, 24, 32)
     assert all(processor.image_id_offset <= t < processor.image_id_offset + 32 for t in generated[:end])
     assert len(processor.decode_images(out[0], incomplete="drop")) >= 1
+
+
+def test_the_core_package_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import adaptive_tokenizer, adaptive_tokenizer.cli, sys; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
