@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Union
 
@@ -30,7 +31,7 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 ACCEPTED = ("a path, a PIL image, an HxWxC or HxW uint8 numpy array, a 3xHxW or Nx3xHxW float tensor in [0, 1] "
-            "(or uint8 tensor), or a list of these")
+            "(or uint8 tensor), or a list or any other iterable of these")
 
 
 MAX_IMAGE_PIXELS = 64_000_000  # per image (8000 x 8000): 192 MB as RGB, 768 MB as float32 (tensor inputs)
@@ -201,6 +202,60 @@ def load_images(images: ImageInput | Sequence[ImageInput], size: int) -> Tensor:
         else:
             raise TypeError(f"unsupported image input of type {type(item).__name__}; accepted: {ACCEPTED}")
     return torch.cat(batches)
+
+
+def _single(value: object) -> bool:
+    return isinstance(value, (str, bytes, os.PathLike, Image.Image, np.ndarray, Tensor))
+
+
+def _chunks(images: ImageInput | Iterable[ImageInput], batch_size: int) -> Iterator[list[ImageInput]]:
+    """The inputs in lists of ``batch_size`` images (the last may be shorter), consumed lazily; an ``Nx3xHxW``
+    tensor counts ``N`` images and is sliced, not copied."""
+    if _single(images):
+        items: Iterable[ImageInput] = [images]  # type: ignore[list-item]
+    else:
+        try:
+            items = iter(images)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"unsupported image input of type {type(images).__name__}; accepted: {ACCEPTED}") from None
+    chunk: list[ImageInput] = []
+    count = 0
+    for item in items:
+        if isinstance(item, Tensor) and item.dim() == 4 and len(item):
+            start = 0
+            while start < len(item):  # a batch tensor: slices that fill the chunks
+                take = min(batch_size - count, len(item) - start)
+                chunk.append(item[start : start + take])
+                count, start = count + take, start + take
+                if count == batch_size:
+                    yield chunk
+                    chunk, count = [], 0
+            continue
+        chunk.append(item)
+        count += 1
+        if count == batch_size:
+            yield chunk
+            chunk, count = [], 0
+    if chunk:
+        yield chunk
+
+
+def iter_image_batches(images: ImageInput | Iterable[ImageInput], size: int, batch_size: int) -> Iterator[Tensor]:
+    """:func:`load_images` batch by batch: ``[n <= batch_size, 3, size, size]`` tensors, the inputs read lazily (a
+    list, a generator, any iterable, or one input) while a background thread decodes the next batch. Memory holds
+    two batches of images, whatever the number of inputs; ValueError when there is no image at all."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    with ThreadPoolExecutor(1, thread_name_prefix="image-decode") as pool:
+        pending: Future | None = None
+        for chunk in _chunks(images, batch_size):  # the user's iterable is read on this thread only
+            upcoming = pool.submit(load_images, chunk, size)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is None:
+            raise ValueError(f"no images given; accepted: {ACCEPTED}")
+        yield pending.result()
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:

@@ -134,7 +134,7 @@ class _Encoder:
         predicted = np.full(n, np.nan, dtype=np.float32)
         if good:
             result = self.tok.encode(torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])),
-                                     **self.encode_kwargs)
+                                     batch_size=len(good), **self.encode_kwargs)
             dtype = torch.int64 if self.tok.config.quantized else torch.float32
             for index, row in enumerate(good):
                 tokens[row] = result.tokens[index].to(dtype).numpy().tobytes()

@@ -28,7 +28,7 @@ def preloaded_rate(tok: AdaptiveTokenizer, pixels: torch.Tensor, batch_size: int
     """Images per second of ``tok.encode`` over ``pixels`` (already decoded, resized and in memory)."""
     start = time.perf_counter()
     for first in range(0, len(pixels), batch_size):
-        tok.encode(pixels[first : first + batch_size], **encode_kwargs)
+        tok.encode(pixels[first : first + batch_size], batch_size=batch_size, **encode_kwargs)
     return len(pixels) / (time.perf_counter() - start)
 
 
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> None:
     encode_kwargs = {k: v for k, v in {"max_tokens": args.max_tokens or args.budget,
                                        "halt_threshold": args.halt_threshold}.items() if v is not None}
     tok = AdaptiveTokenizer.from_pretrained(args.model)
-    tok.batch_size = args.batch_size
     source = open_source(args.folder)
     paths = [source.image(i) for i in range(min(args.limit, len(source)))]
     pixels = load_images(paths, tok.config.image_size)  # pre-loaded side: decoding not timed

@@ -35,7 +35,7 @@ from .length_rules import resolve_length_rule
 from .serialization import model_identity
 from .token_shards import (FORMAT, Failure, ShardStats, check_same_job, finished_shards, read_index, read_stats,
                            remove_stale_temporaries, shard_table, write_errors, write_index, write_shard)
-from .tokenizer import AdaptiveTokenizer
+from .tokenizer import AdaptiveTokenizer, resolve_max_tokens
 
 ENGINES = ("local", "ray")
 DEFAULT_SHARD_SIZE = 10_000
@@ -83,9 +83,7 @@ def encode_settings(tok: AdaptiveTokenizer, encode_kwargs: Mapping[str, Any] | N
     never mixes rules); a name ``encode`` does not take is a TypeError now rather than after the first batch."""
     kwargs = {k: v for k, v in dict(encode_kwargs or {}).items() if v is not None}
     if "budget" in kwargs:
-        if "max_tokens" in kwargs:
-            raise ValueError("pass max_tokens or its alias budget, not both")
-        kwargs["max_tokens"] = kwargs.pop("budget")
+        kwargs["max_tokens"] = resolve_max_tokens(kwargs.get("max_tokens"), kwargs.pop("budget"))
     parameters = inspect.signature(tok.encode).parameters
     unknown = sorted(set(kwargs) - set(parameters) | ({"images"} & set(kwargs)))
     if unknown:
@@ -221,11 +219,7 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
     pending = [k for k in range(plan.num_shards) if k not in done]
     start = time.perf_counter()
     if engine == "local":
-        tok_batch_size, tok.batch_size = tok.batch_size, batch_size
-        try:
-            run_local(tok, source, plan, pending, assembler, settings["encode"], batch_size, workers or 2, progress)
-        finally:
-            tok.batch_size = tok_batch_size
+        run_local(tok, source, plan, pending, assembler, settings["encode"], batch_size, workers or 2, progress)
     else:
         from .ray_tokenize import run_ray
 
@@ -244,7 +238,7 @@ def _is_ray_dataset(source: Any) -> bool:
 def _load_model(model: Any, device: str | torch.device | None) -> tuple[AdaptiveTokenizer, str]:
     if isinstance(model, AdaptiveTokenizer):
         if device is not None:
-            model.to(device=device, dtype=model.dtype)
+            model.to(device=device)
         return model, "AdaptiveTokenizer instance"
     tok = AdaptiveTokenizer.from_pretrained(model, device=device)
     return tok, str(model) if model is not None else "default"
@@ -301,7 +295,7 @@ def run_local(tok: AdaptiveTokenizer, source: DatasetSource, plan: ShardPlan, sh
                     if isinstance(reason, str):
                         assembler.add_failure(position, reason)
                 if good:
-                    result = tok.encode(torch.stack([px for _, px in good]), **encode_kwargs)
+                    result = tok.encode(torch.stack([px for _, px in good]), batch_size=len(good), **encode_kwargs)
                     _add_result(assembler, [p for p, _ in good], result)
                 bar.update(len(positions))
         finally:

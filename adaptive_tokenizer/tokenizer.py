@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .hub import CARD_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
-from .image_io import ImageInput, load_images
+from .image_io import ImageInput, iter_image_batches
 from .io_utils import write_atomic
 from .model import ALITModel
 from .length_rules import (LengthRule, choose_length, missing_predictor_message, predict_errors,
@@ -51,6 +51,19 @@ class EncodeResult:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @classmethod
+    def concat(cls, parts: Sequence[EncodeResult]) -> EncodeResult:
+        """One result from the results of consecutive batches (:meth:`AdaptiveTokenizer.encode_iter`)."""
+        if not parts:
+            raise ValueError("EncodeResult.concat needs at least one result")
+        first = parts[0]
+        return cls(tokens=[t for part in parts for t in part.tokens],
+                   num_tokens=torch.cat([part.num_tokens for part in parts]),
+                   errors=torch.cat([p.errors for p in parts]) if first.errors is not None else None,
+                   predicted_errors=(torch.cat([p.predicted_errors for p in parts])
+                                     if first.predicted_errors is not None else None),
+                   length_rule=first.length_rule)
 
     def padded(self, pad_id: int | float) -> tuple[Tensor, Tensor]:
         """Right-pad to the longest sequence: ``(tokens [N, Lmax(, D)], attention_mask [N, Lmax] bool)``.
@@ -141,11 +154,26 @@ class AdaptiveTokenizer:
         card = render_model_card(self.config, info or self.info, load_as=load_as)
         write_atomic(Path(directory) / CARD_NAME, card.encode())
 
-    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
-        device = _resolve_device(device)
-        dtype = _resolve_dtype(dtype, device)
-        self.model.to(device=device, dtype=dtype)
+    def to(self, device: str | torch.device | None = None,
+           dtype: str | torch.dtype | None = None) -> "AdaptiveTokenizer":
+        """Move the model to ``device`` and/or cast it to ``dtype``, in place; what is not given stays as it is (as
+        ``torch.nn.Module.to``). A combination the device cannot run (float16 on the CPU) is refused."""
+        target_device = _resolve_device(device) if device is not None else self.device
+        target_dtype = _resolve_dtype(dtype if dtype is not None else self.dtype, target_device)
+        self.model.to(device=target_device, dtype=target_dtype)
         return self
+
+    def cpu(self) -> "AdaptiveTokenizer":
+        return self.to(device="cpu")
+
+    def cuda(self, index: int | None = None) -> "AdaptiveTokenizer":
+        return self.to(device="cuda" if index is None else f"cuda:{index}")
+
+    def float(self) -> "AdaptiveTokenizer":
+        return self.to(dtype=torch.float32)
+
+    def bfloat16(self) -> "AdaptiveTokenizer":
+        return self.to(dtype=torch.bfloat16)
 
     def compile(self, **compile_kwargs) -> "AdaptiveTokenizer":
         """``torch.compile`` the hot modules in place (base encoder/decoder, encoder and decoder transformers).
@@ -176,11 +204,14 @@ class AdaptiveTokenizer:
         return self.config.tokens_per_iteration
 
     # ---- encode --------------------------------------------------------------------------------------------
-    def encode(self, images: ImageInput | Sequence[ImageInput], *, max_tokens: int | None = None,
-               budget: int | None = None, halt_threshold: float | None = None,
+    def encode(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int | None = None,
+               max_tokens: int | None = None, budget: int | None = None, halt_threshold: float | None = None,
                length_rule: LengthRule | None = None) -> EncodeResult:
         """Encode images into token sequences.
 
+        ``images``: one input or any iterable of them (a list, a generator of paths, ...), read batch by batch
+        (:meth:`encode_iter`), so memory does not grow with their number. ``batch_size``: images per model call
+        (default: the object's ``batch_size``).
         ``max_tokens`` (alias ``budget``): tokens per image, at most; rounded down to a multiple of
         ``tokens_per_iteration``; default the model's maximum. Only the iterations it needs are run. Without
         ``halt_threshold`` every image gets exactly ``max_tokens`` tokens.
@@ -194,41 +225,43 @@ class AdaptiveTokenizer:
         decoding, fixed-budget speed, the target not checked). ``"verified"`` and ``"predicted"`` need a model with
         a length predictor.
         """
+        return EncodeResult.concat(list(self.encode_iter(images, batch_size=batch_size, max_tokens=max_tokens,
+                                                         budget=budget, halt_threshold=halt_threshold,
+                                                         length_rule=length_rule)))
+
+    def encode_iter(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int | None = None,
+                    max_tokens: int | None = None, budget: int | None = None, halt_threshold: float | None = None,
+                    length_rule: LengthRule | None = None) -> Iterator[EncodeResult]:
+        """:meth:`encode`, one :class:`EncodeResult` per batch of ``batch_size`` inputs, in order: the inputs are read
+        lazily (a background thread decodes the next batch while the model runs), so a job over any number of
+        images holds two batches of them. The arguments are checked before any input is read."""
         num_iterations = self._iterations_for(max_tokens, budget)
         rule = resolve_length_rule(self.model, halt_threshold, length_rule)
         if halt_threshold is not None:
             halt_threshold = check_halt_threshold(halt_threshold)
-        pixels = load_images(images, self.config.image_size)
-        parts = []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), self.batch_size):
-                batch = pixels[start : start + self.batch_size].to(self.device)
+        for pixels in iter_image_batches(images, self.config.image_size, self._batch_size(batch_size)):
+            with torch.inference_mode():
+                batch = pixels.to(self.device)
                 if rule is None:
                     out = rollout(self.model, batch, num_iterations, halting_confidence=self._halting_confidence())
                 else:
                     out = choose_length(self.model, batch, num_iterations, halt_threshold, rule,
                                         halting_confidence=self._halting_confidence())
-                parts.append(out)
-        tokens = [t.cpu() for out in parts for t in out.tokens]
-        num_tokens = torch.cat([out.num_iterations for out in parts]) * self.tokens_per_iteration
-        errors = torch.cat([out.errors for out in parts]) if parts[0].errors is not None else None
-        predicted = (torch.cat([out.predicted_errors for out in parts]) if parts[0].predicted_errors is not None
-                     else None)
-        return EncodeResult(tokens, num_tokens, errors, predicted, length_rule=rule)
+            yield EncodeResult([t.cpu() for t in out.tokens], out.num_iterations * self.tokens_per_iteration,
+                               out.errors, out.predicted_errors, length_rule=rule)
 
-    def predict_errors(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+    def predict_errors(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int | None = None) -> Tensor:
         """The length predictor's estimate of each image's mean absolute pixel error at every length, ``[N, I]``
         float32 (lengths ``tokens_per_iteration * (1..max_iterations)``), from one encoder iteration. A prediction,
         not a measurement (:meth:`reconstructions` measures). ValueError for a model without a predictor."""
         if self.model.length_predictor is None:
             raise ValueError(missing_predictor_message())
-        pixels = load_images(images, self.config.image_size)
         with torch.inference_mode():
-            return torch.cat([predict_errors(self.model, pixels[start : start + self.batch_size].to(self.device)).cpu()
-                              for start in range(0, len(pixels), self.batch_size)])
+            return torch.cat([predict_errors(self.model, pixels.to(self.device)).cpu() for pixels in
+                              iter_image_batches(images, self.config.image_size, self._batch_size(batch_size))])
 
-    def reconstructions(self, images: ImageInput | Sequence[ImageInput],
-                        max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    def reconstructions(self, images: ImageInput | Iterable[ImageInput], max_tokens: int | None = None, *,
+                        batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """Reconstruction at every budget up to ``max_tokens``, from one rollout per image.
 
         Returns ``(pixels [N, I, 3, R, R] in [0, 1], errors [N, I])`` for ``I`` iterations (budgets
@@ -236,30 +269,29 @@ class AdaptiveTokenizer:
         the quantity ``halt_threshold`` is a target for.
         """
         num_iterations = self._iterations_for(max_tokens, None)
-        pixels = load_images(images, self.config.image_size)
         all_pixels, all_errors = [], []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), self.batch_size):
-                records: list[IterationRecord] = []
-                rollout(self.model, pixels[start : start + self.batch_size].to(self.device), num_iterations,
+        for pixels in iter_image_batches(images, self.config.image_size, self._batch_size(batch_size)):
+            records: list[IterationRecord] = []
+            with torch.inference_mode():
+                rollout(self.model, pixels.to(self.device), num_iterations,
                         halting_confidence=self._halting_confidence(), trace=records.append)
                 all_pixels.append(torch.stack([r.reconstruction.clamp(0, 1).cpu() for r in records], dim=1))
                 all_errors.append(torch.stack([r.error.cpu() for r in records], dim=1))
         return torch.cat(all_pixels), torch.cat(all_errors)
 
-    def base_errors(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+    def base_errors(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int | None = None) -> Tensor:
         """``[N]`` float32 mean absolute pixel error of the base tokenizer's own (unclamped) reconstruction: the
         floor of every budget."""
-        pixels = load_images(images, self.config.image_size)
         base, out = self.model.base, []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), self.batch_size):
-                batch = pixels[start : start + self.batch_size].to(device=self.device, dtype=self.dtype)
+        for pixels in iter_image_batches(images, self.config.image_size, self._batch_size(batch_size)):
+            with torch.inference_mode():
+                batch = pixels.to(device=self.device, dtype=self.dtype)
                 out.append(self.model.base_error(batch, base.code_ids(base.encode(batch))).cpu())
         return torch.cat(out)
 
     # ---- decode --------------------------------------------------------------------------------------------
-    def decode(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray) -> Tensor:
+    def decode(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray, *,
+               batch_size: int | None = None) -> Tensor:
         """Tokens -> images ``[N, 3, R, R]`` float32 in [0, 1] (on the model's device).
 
         Accepts an :class:`EncodeResult`, a list of per-image tensors (lengths may differ), or one tensor:
@@ -270,10 +302,11 @@ class AdaptiveTokenizer:
         by_length: dict[int, list[int]] = {}
         for index, seq in enumerate(sequences):
             by_length.setdefault(len(seq), []).append(index)
+        batch_size = self._batch_size(batch_size)
         with torch.inference_mode():
             for length, indices in sorted(by_length.items()):
-                for start in range(0, len(indices), self.batch_size):
-                    chunk = indices[start : start + self.batch_size]
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start : start + batch_size]
                     batch = torch.stack([sequences[i] for i in chunk]).to(self.device)
                     logits = self.model.decoder(self.model.decoder_inputs(batch))
                     pixels = reconstruct(self.model, logits).clamp_(0, 1)
@@ -287,22 +320,23 @@ class AdaptiveTokenizer:
         return self._token_sequences(tokens)
 
     # ---- helpers -------------------------------------------------------------------------------------------
+    def _batch_size(self, batch_size: int | None) -> int:
+        """A call's ``batch_size``, else the object's."""
+        return self.batch_size if batch_size is None else batch_size
+
     def _halting_confidence(self) -> float | None:
         return self.config.dynamic_halting_confidence if self.config.dynamic_halting else None
 
     def _iterations_for(self, max_tokens: int | None, budget: int | None) -> int:
-        if max_tokens is not None and budget is not None and max_tokens != budget:
-            raise ValueError(f"budget is an alias of max_tokens; got both with different values "
-                             f"({budget} and {max_tokens})")
-        requested = max_tokens if max_tokens is not None else budget
+        requested = resolve_max_tokens(max_tokens, budget)
         if requested is None:
             return self.config.max_iterations
         if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)):
             raise ValueError(f"max_tokens/budget must be an int, got {requested!r}")
         per = self.tokens_per_iteration
         if not per <= requested <= self.max_tokens:
-            raise ValueError(f"max_tokens/budget must be between {per} and {self.max_tokens} tokens "
-                             f"(multiples of {per}), got {requested}")
+            raise ValueError(f"max_tokens/budget must be between {per} and {self.max_tokens} tokens (a value between "
+                             f"multiples of {per} is rounded down to one), got {requested}")
         return int(requested) // per
 
     def _token_sequences(self, tokens: EncodeResult | Sequence[Tensor] | Tensor | np.ndarray) -> list[Tensor]:
@@ -386,6 +420,15 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if dtype not in allowed:
         raise ValueError(f"dtype {dtype} is not supported on {device.type}; use one of {[str(d) for d in allowed]}")
     return dtype
+
+
+def resolve_max_tokens(max_tokens: int | None, budget: int | None) -> int | None:
+    """``max_tokens`` and its alias ``budget`` as one value (None: neither given); ValueError when both are given
+    with different values. The one place the alias is resolved (``encode``, ``tokenize``'s settings)."""
+    if max_tokens is not None and budget is not None and max_tokens != budget:
+        raise ValueError(f"budget is an alias of max_tokens; got both with different values ({budget} and "
+                         f"{max_tokens})")
+    return max_tokens if max_tokens is not None else budget
 
 
 def check_halt_threshold(value: object) -> float:

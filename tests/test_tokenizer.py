@@ -307,3 +307,104 @@ def test_unavailable_device_is_a_value_error(converted_dirs, device):
         device = "toaster"
     with pytest.raises(ValueError, match="device"):
         AdaptiveTokenizer.from_pretrained(converted_dirs["A"], device=device)
+
+
+# ---- torch semantics: .to(), per-call batch size, streaming inputs ---------------------------------------------
+def small_tokenizer() -> AdaptiveTokenizer:
+    from .test_length_rules import tokenizer
+
+    return tokenizer("cached", False, predictor=False)
+
+
+def test_to_changes_only_what_it_is_given():
+    tok = small_tokenizer()
+    assert (tok.device.type, tok.dtype) == ("cpu", torch.float32)
+    assert tok.to(dtype=torch.bfloat16) is tok and (tok.device.type, tok.dtype) == ("cpu", torch.bfloat16)
+    tok.to("cpu")
+    assert tok.dtype == torch.bfloat16  # the dtype left out stays
+    tok.float()
+    assert tok.dtype == torch.float32 and tok.bfloat16().dtype == torch.bfloat16
+    tok.to(dtype="float32")
+    assert tok.cpu().dtype == torch.float32
+    with pytest.raises(ValueError, match="not supported on cpu"):
+        tok.to(dtype=torch.float16)
+    assert (tok.device.type, tok.dtype) == ("cpu", torch.float32)  # a refused move changes nothing
+    with pytest.raises(ValueError, match="unknown dtype"):
+        tok.to(dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available here"):
+            tok.to("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (scripts/gpu_check.sh runs this)")
+def test_to_on_cuda_keeps_what_it_is_not_given():
+    tok = small_tokenizer().to("cuda", dtype=torch.bfloat16)
+    tok.to(dtype=torch.float16)
+    assert (tok.device.type, tok.dtype) == ("cuda", torch.float16)
+    tok.to(dtype=torch.bfloat16).to("cuda")
+    assert tok.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="not supported on cpu"):
+        tok.to(dtype=torch.float16).to("cpu")  # float16 cannot follow to the CPU
+    assert tok.to(dtype=torch.float32).cpu().device.type == "cpu"
+
+
+def photo_paths(tmp_path, count):
+    """``count`` small PNGs, cycling over the evaluation photos' first pixels (distinct images)."""
+    from pathlib import Path
+
+    photos = sorted((Path(__file__).parent.parent / "evaluation" / "photos").glob("*.png"))
+    paths = []
+    for index in range(count):
+        with Image.open(photos[index % len(photos)]) as photo:
+            crop = photo.convert("RGB").crop((index, index, index + 80, index + 80))
+        paths.append(tmp_path / f"img{index}.png")
+        crop.save(paths[-1])
+    return paths
+
+
+def test_encode_takes_any_iterable_and_a_per_call_batch_size(tmp_path):
+    tok = small_tokenizer()
+    paths = photo_paths(tmp_path, 9)
+    listed = tok.encode(paths, budget=16)
+    streamed = tok.encode((p for p in paths), batch_size=3, budget=16)
+    assert tok.batch_size == 4  # the object's default is not changed by the call
+    assert all(torch.equal(a, b) for a, b in zip(listed.tokens, streamed.tokens)) and len(streamed) == 9
+    parts = list(tok.encode_iter(iter(paths), batch_size=4, budget=16))
+    assert [len(p) for p in parts] == [4, 4, 1]
+    assert torch.equal(EncodeResult.concat(parts).num_tokens, listed.num_tokens)
+    batch = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    alone = [tok.encode(image, budget=16).tokens[0] for image in batch]
+    for result in (tok.encode(batch, batch_size=2, budget=16), tok.encode([batch[:3], batch[3]], batch_size=2,
+                                                                          budget=16)):
+        assert all(torch.equal(a, b) for a, b in zip(result.tokens, alone))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            tok.encode(paths, batch_size=bad)
+    with pytest.raises(ValueError, match="no images given"):
+        tok.encode(iter([]))
+    with pytest.raises(TypeError, match="unsupported image input of type int"):
+        tok.encode(7)
+
+
+def test_encode_reads_its_inputs_batch_by_batch(tmp_path):
+    """Bounded memory without timing: when the first batch's result is out, the input generator has been read for
+    that batch and the one being decoded ahead, not further; a bad argument is refused before any input is read."""
+    tok = small_tokenizer()
+    paths = photo_paths(tmp_path, 3)
+    consumed = []
+
+    def endless():
+        while True:
+            consumed.append(1)
+            yield paths[len(consumed) % 3]
+
+    results = tok.encode_iter(endless(), batch_size=4, budget=16)
+    first = next(results)
+    assert len(first) == 4 and len(consumed) <= 2 * 4 + 1
+    second = next(results)
+    assert len(second) == 4 and len(consumed) <= 3 * 4 + 1
+    results.close()
+    consumed.clear()
+    with pytest.raises(ValueError, match="max_tokens/budget must be between"):
+        next(tok.encode_iter(endless(), budget=7))
+    assert consumed == []

@@ -36,7 +36,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     refuse_inputs_as_outputs([args.output], [args.folder])
     thresholds = parse_thresholds(args.thresholds) if args.thresholds is not None else None
     tok = load_tokenizer(args)
-    tok.batch_size = args.batch_size
     command = [PROG, "evaluate", args.folder, "-o", args.output, "--batch-size", str(args.batch_size), "--device",
                args.device]
     for flag, value in (("--model", args.model), ("--max-images", args.max_images), ("--thresholds", args.thresholds),

@@ -21,22 +21,15 @@ from .common import (MODEL_HELP, UsageError, collect_images, command, load_token
 
 def encode_paths(tok: AdaptiveTokenizer, paths: Sequence[str], batch_size: int, *, max_tokens: int | None,
                  halt_threshold: float | None, length_rule: str | None = None) -> EncodeResult:
-    """``tok.encode`` over ``paths`` in batches (so only a batch of images is in memory), with a progress bar."""
+    """``tok.encode_iter`` over ``paths`` (only two batches of images in memory), with a progress bar."""
     parts: list[EncodeResult] = []
     # disable=None: the bar shows only when stderr is a terminal (no clutter in logs or captured output)
     with tqdm(total=len(paths), unit="img", desc="encoding", file=sys.stderr, disable=None) as bar:
-        for start in range(0, len(paths), batch_size):
-            batch = list(paths[start : start + batch_size])
-            parts.append(tok.encode(batch, max_tokens=max_tokens, halt_threshold=halt_threshold,
-                                    length_rule=length_rule))
-            bar.update(len(batch))
-    errors = [part.errors for part in parts if part.errors is not None]
-    predicted = [part.predicted_errors for part in parts if part.predicted_errors is not None]
-    return EncodeResult(tokens=[t for part in parts for t in part.tokens],
-                        num_tokens=torch.cat([part.num_tokens for part in parts]),
-                        errors=torch.cat(errors) if errors else None,
-                        predicted_errors=torch.cat(predicted) if predicted else None,
-                        length_rule=parts[0].length_rule)
+        for part in tok.encode_iter(paths, batch_size=batch_size, max_tokens=max_tokens,
+                                    halt_threshold=halt_threshold, length_rule=length_rule):
+            parts.append(part)
+            bar.update(len(part))
+    return EncodeResult.concat(parts)
 
 
 def encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +56,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     sources = collect_images(args.inputs)
     refuse_inputs_as_outputs([args.output], sources)
     tok = load_tokenizer(args)
-    tok.batch_size = args.batch_size
     result = encode_paths(tok, sources, args.batch_size, max_tokens=args.max_tokens,
                           halt_threshold=args.halt_threshold, length_rule=args.length_rule)
     save_token_file(args.output, result, sources, tok.config.latent_kind)
@@ -149,7 +141,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     with staged_directory(out_dir) as staging, \
             tqdm(total=len(sequences), unit="img", desc="decoding", file=sys.stderr, disable=None) as bar:
         for start in range(0, len(sequences), args.batch_size):
-            pixels = tok.decode(sequences[start : start + args.batch_size])
+            pixels = tok.decode(sequences[start : start + args.batch_size], batch_size=args.batch_size)
             for offset, image in enumerate(pixels):
                 write_atomic(staging / names[start + offset], png_bytes(to_pil(image)))
             bar.update(len(pixels))

@@ -75,7 +75,7 @@ def measure_batch(tok: AdaptiveTokenizer, inputs: Tensor, max_tokens: int | None
                                                                                            Tensor, Tensor]:
     """The tables of :class:`Measurements` for one batch ``[n, 3, R, R]``, with the reconstructions ``[n, I, 3, R,
     R]`` and the base's ``[n, 3, R, R]``."""
-    pixels, errors = tok.reconstructions(inputs, max_tokens=max_tokens)  # [n, I, 3, R, R], [n, I]
+    pixels, errors = tok.reconstructions(inputs, max_tokens=max_tokens, batch_size=len(inputs))  # [n, I, 3, R, R], [n, I]
     n, iterations = errors.shape
     flat = pixels.flatten(0, 1)
     targets = inputs[:, None].expand_as(pixels).flatten(0, 1)
@@ -91,7 +91,7 @@ def measure_batch(tok: AdaptiveTokenizer, inputs: Tensor, max_tokens: int | None
               "chroma": metrics.chroma(with_base).view(n, -1),
               "input_gradient": metrics.gradient_magnitude(inputs), "greyscale": metrics.is_greyscale(inputs)}
     if tok.model.length_predictor is not None:
-        tables["predicted"] = tok.predict_errors(inputs)[:, :iterations]
+        tables["predicted"] = tok.predict_errors(inputs, batch_size=len(inputs))[:, :iterations]
     return tables, pixels, base
 
 

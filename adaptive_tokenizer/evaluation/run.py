@@ -128,7 +128,7 @@ def _grid_rows(tok: AdaptiveTokenizer, paths: Sequence[Path], measured: Measurem
     missing = [i for i in indices if i not in panels]
     if missing:
         inputs = load_images([str(paths[i]) for i in missing], tok.config.image_size)
-        pixels, _ = tok.reconstructions(inputs, max_tokens=max_tokens)
+        pixels, _ = tok.reconstructions(inputs, max_tokens=max_tokens, batch_size=len(inputs))
         base = base_pixels(tok, inputs)
         panels.update({i: grid_panels(inputs[k], pixels[k], base[k]) for k, i in enumerate(missing)})
     return [(paths[i].name, float(measured.complexity[i]), panels[i], measured.l1[i].tolist(),
