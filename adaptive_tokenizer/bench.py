@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidInputError
 from .config import ModelConfig
 from .model import ALITModel
 from .presets import get_preset, list_presets
@@ -138,10 +139,10 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
                   print_fn: Callable[[str], None] = print) -> dict:
     """Run every measurement (see the module docstring); print a table, then one JSON line; return the JSON."""
     if batch < 1 or threads < 1 or repeats < 1:
-        raise ValueError("batch, threads and repeats must be positive")
+        raise InvalidInputError("batch, threads and repeats must be positive")
     config = get_preset(preset) if isinstance(preset, str) else preset
     if any(b % config.tokens_per_iteration or not 0 < b <= config.max_tokens for b in budgets):
-        raise ValueError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
+        raise InvalidInputError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
     preset = preset if isinstance(preset, str) else "custom"
     torch.set_num_threads(threads)
     device_ = torch.device(device)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import InvalidInputError
 from .config import ModelConfig, VQGANConfig
 from .presets import authors_heads
 from .serialization import expected_shapes, save_model_files
@@ -63,7 +64,7 @@ _KEY_RULES: list[_KeyRule] = [*_BASE_RULES, *_TRANSFORMER_RULES, *_ENCODER_RULES
                              (r"quantize\.embedding\.weight", "quantizer.codebook"), *_DECODER_RULES]
 
 
-class ConversionError(ValueError):
+class ConversionError(InvalidInputError):
     """The checkpoint does not match the ALIT architecture (the message names the keys)."""
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import AdaptiveTokenizerError, InvalidInputError
 from .config import LatentKind, ModelConfig, RolloutKind
 
 if TYPE_CHECKING:
@@ -79,12 +80,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(FileNotFoundError, AdaptiveTokenizerError):
     """The model asked for cannot be found: no such directory, manifest name, Hub repo, revision or file, or it is
     not cached while offline. The message names the model and says what to do."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(InvalidInputError):
     """A model file's size or sha256 differs from the weights manifest; nothing was loaded."""
 
 
@@ -145,7 +146,7 @@ class ManifestEntry:
                   "tokens": (config.tokens_per_iteration, config.max_tokens, config.tokens_per_iteration)}
         wrong = [f"{key} {expected[key]} != config {actual[key]}" for key in expected if expected[key] != actual[key]]
         if wrong:
-            raise ValueError(f"manifest entry {self.name!r} does not match its config.json: " + "; ".join(wrong))
+            raise InvalidInputError(f"manifest entry {self.name!r} does not match its config.json: " + "; ".join(wrong))
 
 
 @dataclass(frozen=True)
@@ -167,17 +168,17 @@ def load_manifest(path: str | os.PathLike = MANIFEST_PATH) -> Manifest:
     """Read and validate a weights manifest (default: the one shipped with the package)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path} is not a weights manifest (not UTF-8 JSON: {err})") from None
     _fields(data, str(path), {"format_version": int, "default": (str, type(None)), "models": dict})
     if data["format_version"] != MANIFEST_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {data['format_version']} is not supported (this library reads "
+        raise InvalidInputError(f"{path}: format_version {data['format_version']} is not supported (this library reads "
                          f"{MANIFEST_FORMAT_VERSION}); upgrade adaptive-tokenizer")
     models = {name: _parse_entry(name, value, path) for name, value in data["models"].items()}
     default = data["default"]
     if default is not None and (default not in models or models[default].embedded is None):
-        raise ValueError(f"{path}: default {default!r} must name an embedded model of the manifest")
+        raise InvalidInputError(f"{path}: default {default!r} must name an embedded model of the manifest")
     return Manifest(path, default, models)
 
 
@@ -195,17 +196,17 @@ def _as_manifest(manifest: str | os.PathLike | Manifest | None) -> Manifest:
 def _parse_entry(name: str, value: Any, path: Path) -> ManifestEntry:
     where = f"{path}: models.{name}"
     if not _NAME.fullmatch(name):
-        raise ValueError(f"{where}: a model name is lower-case letters, digits, '.', '_' and '-' (no '/')")
+        raise InvalidInputError(f"{where}: a model name is lower-case letters, digits, '.', '_' and '-' (no '/')")
     entry = _fields(value, where, {"description": str, "image_size": int, "tokens": dict, "latent_kind": str,
                                    "rollout_kind": str, "location": dict, "files": dict, "license": str,
                                    "provenance": dict})
     tokens = _fields(entry["tokens"], f"{where}.tokens", {"min": int, "max": int, "step": int})
     if not 0 < tokens["step"] <= tokens["min"] <= tokens["max"] or tokens["min"] % tokens["step"] \
             or tokens["max"] % tokens["step"]:
-        raise ValueError(f"{where}.tokens: need 0 < step <= min <= max, min and max multiples of step; got {tokens}")
+        raise InvalidInputError(f"{where}.tokens: need 0 < step <= min <= max, min and max multiples of step; got {tokens}")
     for key, kinds in (("latent_kind", LatentKind), ("rollout_kind", RolloutKind)):
         if entry[key] not in typing.get_args(kinds):
-            raise ValueError(f"{where}.{key} must be one of {list(typing.get_args(kinds))}, got {entry[key]!r}")
+            raise InvalidInputError(f"{where}.{key} must be one of {list(typing.get_args(kinds))}, got {entry[key]!r}")
     provenance = _fields(entry["provenance"], f"{where}.provenance", {"training_data": str, "recipe": str})
     embedded, repo_id, revision = _parse_location(entry["location"], f"{where}.location", path.parent)
     return ManifestEntry(
@@ -221,14 +222,14 @@ def _parse_location(value: Any, where: str, root: Path) -> tuple[Path | None, st
     if isinstance(value, dict) and "embedded" in value:
         relative = _fields(value, where, {"embedded": str})["embedded"]
         if Path(relative).is_absolute() or ".." in Path(relative).parts:
-            raise ValueError(f"{where}.embedded must be a path inside the package, relative to the manifest, "
+            raise InvalidInputError(f"{where}.embedded must be a path inside the package, relative to the manifest, "
                              f"got {relative!r}")
         return root / relative, None, None
     location = _fields(value, where, {"repo_id": str, "revision": str})
     if not _REPO_ID.fullmatch(location["repo_id"]):
-        raise ValueError(f"{where}.repo_id must look like org/name, got {location['repo_id']!r}")
+        raise InvalidInputError(f"{where}.repo_id must look like org/name, got {location['repo_id']!r}")
     if not _COMMIT.fullmatch(location["revision"]):
-        raise ValueError(f"{where}.revision must be a pinned commit (40 lower-case hex digits), got "
+        raise InvalidInputError(f"{where}.revision must be a pinned commit (40 lower-case hex digits), got "
                          f"{location['revision']!r}")
     return None, location["repo_id"], location["revision"]
 
@@ -236,14 +237,14 @@ def _parse_location(value: Any, where: str, root: Path) -> tuple[Path | None, st
 def _parse_files(value: dict[str, Any], where: str) -> dict[str, FileEntry]:
     missing = [name for name in MODEL_FILES if name not in value]
     if missing:
-        raise ValueError(f"{where}: missing {missing}; every model lists {list(MODEL_FILES)}")
+        raise InvalidInputError(f"{where}: missing {missing}; every model lists {list(MODEL_FILES)}")
     files = {}
     for name, item in value.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ValueError(f"{where}: file name {name!r} must be relative, inside the model folder")
+            raise InvalidInputError(f"{where}: file name {name!r} must be relative, inside the model folder")
         item = _fields(item, f"{where}.{name}", {"size": int, "sha256": str})
         if not _SHA256.fullmatch(item["sha256"]) or item["size"] < 0:
-            raise ValueError(f"{where}.{name}: need a size >= 0 and a sha256 of 64 lower-case hex digits, got {item}")
+            raise InvalidInputError(f"{where}.{name}: need a size >= 0 and a sha256 of 64 lower-case hex digits, got {item}")
         files[name] = FileEntry(item["size"], item["sha256"])
     return files
 
@@ -252,7 +253,7 @@ def _fields(value: Any, where: str, schema: dict[str, type | tuple[type, ...]]) 
     """``value`` if it is a JSON object with exactly the keys of ``schema``, each of its type; else ValueError naming
     the missing, unknown and mistyped fields."""
     if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(value).__name__}")
+        raise InvalidInputError(f"{where} must be a JSON object, got {type(value).__name__}")
     problems = []
     if missing := sorted(set(schema) - set(value)):
         problems.append(f"missing fields {missing}")
@@ -262,7 +263,7 @@ def _fields(value: Any, where: str, schema: dict[str, type | tuple[type, ...]]) 
         if key in value and (not isinstance(value[key], kind) or isinstance(value[key], bool)):
             problems.append(f"{key!r} has the wrong type ({type(value[key]).__name__})")
     if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
+        raise InvalidInputError(f"{where}: " + "; ".join(problems))
     return value
 
 
@@ -323,14 +324,14 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, revision: str | No
         return _resolve_entry(manifest.models[text], **hub_args)
     if match := _REPO_SPEC.fullmatch(text):
         if match["revision"] and revision and match["revision"] != revision:
-            raise ValueError(f"{text!r} names revision {match['revision']!r} but revision={revision!r} was passed")
+            raise InvalidInputError(f"{text!r} names revision {match['revision']!r} but revision={revision!r} was passed")
         return _resolve_repo(text, match["repo_id"], match["revision"] or revision or "main", **hub_args)
     return ResolvedModel(_local_dir(text, manifest))
 
 
 def _no_revision(revision: str | None, why: str) -> None:
     if revision is not None:
-        raise ValueError(f"revision={revision!r} applies to Hub repo ids only; {why}")
+        raise InvalidInputError(f"revision={revision!r} applies to Hub repo ids only; {why}")
 
 
 def _local_dir(text: str, manifest: Manifest) -> Path:
@@ -449,7 +450,7 @@ def push_folder(directory: str | os.PathLike, repo_id: str, *, token: str | None
     from huggingface_hub import HfApi
 
     if not _REPO_ID.fullmatch(repo_id):
-        raise ValueError(f"repo id must look like org/name, got {repo_id!r}")
+        raise InvalidInputError(f"repo id must look like org/name, got {repo_id!r}")
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_library_version())
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:

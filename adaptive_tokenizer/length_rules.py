@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .errors import InvalidInputError
 from .length_predictor import feature_vector
 from .model import ALITModel
 from .rollout import RolloutOutput, RolloutRun, check_finite, pixel_errors, rollout
@@ -69,12 +70,12 @@ def resolve_length_rule(model: ALITModel, halt_threshold: float | None, length_r
         needs_predictor = DEFAULT_LENGTH_RULE in PREDICTOR_RULES
         return FALLBACK_LENGTH_RULE if needs_predictor and model.length_predictor is None else DEFAULT_LENGTH_RULE
     if length_rule not in LENGTH_RULES:
-        raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
+        raise InvalidInputError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
     if halt_threshold is None:
-        raise ValueError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
+        raise InvalidInputError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
                          "too (without it every image gets max_tokens tokens)")
     if length_rule in PREDICTOR_RULES and model.length_predictor is None:
-        raise ValueError(missing_predictor_message(length_rule))
+        raise InvalidInputError(missing_predictor_message(length_rule))
     return length_rule
 
 
@@ -129,7 +130,7 @@ def choose_length(model: ALITModel, pixels: Tensor, num_iterations: int, target_
         return verified_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
     if rule == "search":
         return search_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
-    raise ValueError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
+    raise InvalidInputError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
 
 
 def first_iteration_features(model: ALITModel, run: RolloutRun, latents: Tensor,
@@ -144,7 +145,7 @@ def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_it
     """The length predictor's error estimates ``[n, num_iterations]`` after the first iteration."""
     predicted = model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
     if not torch.isfinite(predicted).all():
-        raise ValueError("the length predictor produced non-finite (NaN or infinite) error estimates; its weights or "
+        raise InvalidInputError("the length predictor produced non-finite (NaN or infinite) error estimates; its weights or "
                          "the model's are broken (check the model files, or refit it with fit-length-predictor)")
     return predicted
 
@@ -158,7 +159,7 @@ def predicted_choice(predicted: Tensor, target_error: float, margin: float) -> T
 def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
     """The length predictor's estimate of every length's error ``[N, max_iterations]`` (one encoder iteration)."""
     if model.length_predictor is None:
-        raise ValueError(missing_predictor_message())
+        raise InvalidInputError(missing_predictor_message())
     run = RolloutRun(model, pixels, 1)
     return _predicted_errors(model, run, run.encode_step(), model.config.max_iterations).float()
 
@@ -167,7 +168,7 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, tar
                       halting_confidence: float | None = None) -> RolloutOutput:
     """The ``"predicted"`` rule: lengths from the predictor, then exactly those iterations, no pixel decode."""
     if model.length_predictor is None:
-        raise ValueError(missing_predictor_message())
+        raise InvalidInputError(missing_predictor_message())
     batch = pixels.shape[0]
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     latents = run.encode_step()
@@ -337,7 +338,7 @@ def decoding_rollout(model: ALITModel, pixels: Tensor, num_iterations: int,
     (:func:`probe_errors`), and an image leaves the encoder's batch once no longer length can be its answer, so
     images that settle early cost no more encoding."""
     if need_predictor and model.length_predictor is None:
-        raise ValueError(missing_predictor_message("verified"))
+        raise InvalidInputError(missing_predictor_message("verified"))
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     all_pixels = run.pixels
     latents = run.encode_step()

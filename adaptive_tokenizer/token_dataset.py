@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .errors import InvalidInputError, MissingExtraError
 from .config import ModelConfig
 from .token_shards import ERRORS_NAME, INDEX_NAME, read_index, shard_name
 from .tokenizer import EncodeResult
@@ -30,7 +31,7 @@ try:
     import pyarrow as pa
     import pyarrow.parquet as pq
 except ImportError:  # pragma: no cover - exercised only without the extra
-    raise ImportError("reading tokenized datasets needs pyarrow: pip install 'adaptive-tokenizer[datasets]'") from None
+    raise MissingExtraError("reading tokenized datasets needs pyarrow: pip install 'adaptive-tokenizer[datasets]'") from None
 
 
 class TokenDataset(Dataset):
@@ -48,7 +49,7 @@ class TokenDataset(Dataset):
             raise FileNotFoundError(f"{self.directory} has no {INDEX_NAME}: not the output of adaptive-tokenizer "
                                     "tokenize")
         if not index.get("complete") and not allow_incomplete:
-            raise ValueError(f"the tokenize job in {self.directory} has not finished; rerun the same command to "
+            raise InvalidInputError(f"the tokenize job in {self.directory} has not finished; rerun the same command to "
                              "complete it (or pass allow_incomplete=True to read the finished shards)")
         self.settings: dict[str, Any] = index["settings"]
         self.config = ModelConfig.from_dict(self.settings["model"]["config"])  # the tokenizer's (codebook_size, ...)
@@ -126,11 +127,11 @@ def collate_tokens(samples: Sequence[dict[str, Any]], *, pad_id: int | float = 0
     begin/end ids do not apply to them.
     """
     if not samples:
-        raise ValueError("collate_tokens got an empty batch")
+        raise InvalidInputError("collate_tokens got an empty batch")
     sequences = [sample["tokens"] for sample in samples]
     if sequences[0].is_floating_point():
         if offset or begin_id is not None or end_id is not None:
-            raise ValueError("offset, begin_id and end_id apply to token ids; these tokens are continuous vectors")
+            raise InvalidInputError("offset, begin_id and end_id apply to token ids; these tokens are continuous vectors")
         name = "inputs"
     else:
         name = "input_ids"

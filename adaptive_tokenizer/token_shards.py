@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from .errors import InvalidInputError, MissingExtraError
 from .io_utils import write_atomic
 
 try:
     import pyarrow as pa
     import pyarrow.parquet as pq
 except ImportError:  # pragma: no cover - exercised only without the extra
-    raise ImportError("tokenizing datasets needs pyarrow: pip install 'adaptive-tokenizer[datasets]'") from None
+    raise MissingExtraError("tokenizing datasets needs pyarrow: pip install 'adaptive-tokenizer[datasets]'") from None
 
 FORMAT = "adaptive-tokenizer-shards/1"
 INDEX_NAME = "index.json"
@@ -114,9 +115,9 @@ def shard_info(path: Path) -> dict[str, Any]:
         metadata = pq.read_schema(path).metadata or {}
         info = json.loads(metadata[METADATA_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowException) as err:
-        raise ValueError(f"{path} is not a shard written by adaptive-tokenizer tokenize ({err})") from None
+        raise InvalidInputError(f"{path} is not a shard written by adaptive-tokenizer tokenize ({err})") from None
     if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: shard format {info.get('format')!r}, expected {FORMAT!r}")
+        raise InvalidInputError(f"{path}: shard format {info.get('format')!r}, expected {FORMAT!r}")
     return info
 
 
@@ -144,9 +145,9 @@ def read_index(directory: Path) -> dict[str, Any] | None:
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+        raise InvalidInputError(f"cannot read {path}: {err}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ValueError(f"{path} is not the index of a tokenized dataset (format {FORMAT!r})")
+        raise InvalidInputError(f"{path} is not the index of a tokenized dataset (format {FORMAT!r})")
     return index
 
 
@@ -166,7 +167,7 @@ def check_same_job(directory: Path, settings: dict[str, Any], shards: dict[int, 
         recorded = with_length_rule(shard_info(path)["settings"])
         if recorded != settings:
             differences = sorted(_differences(recorded, settings))
-            raise ValueError(
+            raise InvalidInputError(
                 f"{directory} already holds shards tokenized with other settings ({'; '.join(differences)}); "
                 f"use another output folder, or delete {directory} to start over")
 

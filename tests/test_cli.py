@@ -321,3 +321,26 @@ def test_full_disk_leaves_no_partial_output(model_dirs, image_dir, tokens_a, tmp
                           cwd=Path(__file__).resolve().parents[1])
     assert_user_error(done.returncode, done.stderr, "File too large")
     assert list(tmp_path.iterdir()) == []  # neither the file nor the folders made for it
+
+
+def test_a_bug_shows_its_traceback_and_exits_1(model_dirs, image_dir, tmp_path, capsys, monkeypatch):
+    """The split is by type: an internal ``TypeError`` (here injected into the rollout) is a bug, shown with its
+    traceback and a request to report it, exit 1; the same command with a user's mistake is one line, exit 2."""
+    import adaptive_tokenizer.tokenizer as tokenizer_module
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'Tensor' and 'NoneType'")
+
+    monkeypatch.setattr(tokenizer_module, "rollout", broken)
+    code = main(["encode", "--model", str(model_dirs["A"]), str(image_dir / IMAGE_NAMES[0]), "-o",
+                 str(tmp_path / "t.safetensors"), "--budget", "32"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback (most recent call last)" in err and "in broken" in err
+    assert "internal error" in err and "please report it" in err
+    assert not (tmp_path / "t.safetensors").exists()
+    code = main(["encode", "--model", str(model_dirs["A"]), str(tmp_path / "missing.png"), "-o",
+                 str(tmp_path / "t.safetensors")])
+    assert_user_error(code, capsys.readouterr().err, "missing.png")
+    code = main(["encode", "--model", str(model_dirs["A"]), str(image_dir / IMAGE_NAMES[0]), "-o",
+                 str(tmp_path / "t.safetensors"), "--budget", "7"])
+    assert_user_error(code, capsys.readouterr().err, "rounded down")
