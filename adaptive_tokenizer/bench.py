@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InvalidInputError
 from .config import ModelConfig
@@ -106,6 +107,41 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, self._rss() - self.base)
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: reading a value (``.item()``, ``bool()``,
+    ``if tensor``: ``aten._local_scalar_dense``), ``nonzero`` (its size depends on the data) and copies from a
+    non-CPU device to the CPU. On a CPU the copies are not seen (``.cpu()`` and ``.tolist()`` of a CPU tensor
+    dispatch nothing), so a CPU count is a lower bound of a CUDA one; the first two are counted anywhere.
+
+    >>> with torch.no_grad(), HostSyncCounter() as syncs:   # not under inference_mode: it hides ops from the mode
+    ...     rollout(model, pixels, 4)
+    >>> syncs.count
+    """
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.ops = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        to_cpu = name in ("aten::_to_copy", "aten::copy_") and self._device_to_host(name, args, kwargs)
+        if name in self.SYNCING or to_cpu:
+            self.count += 1
+            self.ops.append(name)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _device_to_host(name: str, args: tuple, kwargs: dict) -> bool:
+        if name == "aten::_to_copy":
+            source, target = args[0], kwargs.get("device")
+            return target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu"
+        target, source = args[0], args[1]
+        return target.device.type == "cpu" and isinstance(source, torch.Tensor) and source.device.type != "cpu"
 
 
 @dataclass

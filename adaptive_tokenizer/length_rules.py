@@ -178,7 +178,7 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, tar
     for t in range(num_iterations):
         if t > 0:
             latents = run.encode_step()
-        finishing = stop[run.active.cpu()] == t
+        finishing = stop[run.active_rows] == t
         finishing_rows = finishing.nonzero()[:, 0]
         if halting_confidence is not None and not bool(finishing.all()):  # the others go on: halt them
             vectors, ids = run.all_tokens(latents)
@@ -189,7 +189,7 @@ def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, tar
             vectors, ids = run.tokens(latents[finishing_rows.to(latents.device)])
             step_tokens = ids if ids is not None else vectors
         for position, row in enumerate(finishing_rows.tolist()):
-            tokens[int(run.active[row])] = step_tokens[position].clone()
+            tokens[run.active_rows[row]] = step_tokens[position].clone()
         if bool(finishing.all()):
             break
         run.keep((~finishing).nonzero()[:, 0])
@@ -351,7 +351,7 @@ def decoding_rollout(model: ALITModel, pixels: Tensor, num_iterations: int,
     def keep_tokens() -> None:
         vectors, ids = run.all_tokens(latents)
         step_tokens.append(ids if ids is not None else vectors)
-        step_rows.append({image: row for row, image in enumerate(run.active.tolist())})
+        step_rows.append({image: row for row, image in enumerate(run.active_rows)})
         if halting_confidence is not None and run.iteration < num_iterations:
             run.halt(run.code_prob(run.decode(step_tokens[-1])))
 
@@ -367,8 +367,8 @@ def decoding_rollout(model: ALITModel, pixels: Tensor, num_iterations: int,
             break
         # nothing to decode yet: encode the next length, for the images that may still need it
         encoded = len(step_tokens)
-        needed = [row for row, image in enumerate(run.active.tolist()) if searches[image].longest_needed() >= encoded]
-        if len(needed) < len(run.active):
+        needed = [row for row, image in enumerate(run.active_rows) if searches[image].longest_needed() >= encoded]
+        if len(needed) < len(run.active_rows):
             run.keep(torch.tensor(needed, dtype=torch.long))
         latents = run.encode_step()
         keep_tokens()
@@ -391,7 +391,7 @@ def probe_errors(model: ALITModel, run: RolloutRun, probes: list[tuple[int, int]
         rows = [step_rows[t][probes[i][0]] for i in order if probes[i][1] == t]
         logits.append(run.decode(step_tokens[t][torch.tensor(rows, device=pixels.device)]))
     images = torch.tensor([probes[i][0] for i in order], device=pixels.device)
-    error = check_finite(pixel_errors(model, torch.cat(logits), pixels[images])).cpu().tolist()
+    error = check_finite(pixel_errors(model, torch.cat(logits), pixels[images]).cpu()).tolist()  # one device sync
     values = [0.0] * len(probes)
     for position, i in enumerate(order):
         values[i] = error[position]

@@ -39,7 +39,7 @@ DECODE_CPUS = 0.25
 
 def run_ray(identity: dict[str, Any], weights: bytes, source: DatasetSource, plan: ShardPlan, shards: list[int],
             assembler: ShardAssembler, encode_kwargs: dict[str, Any], batch_size: int, workers: int,
-            cpus_per_worker: float, gpus_per_worker: float, progress: bool | None) -> None:
+            cpus_per_worker: float, gpus_per_worker: float, progress: bool | None, dtype: str = "float32") -> None:
     """Encode the inputs of ``shards`` on Ray and hand every row (or failure) to ``assembler``."""
     pending = {p for k in shards for p in plan.positions(k)}
     if not pending:
@@ -61,7 +61,7 @@ def run_ray(identity: dict[str, Any], weights: bytes, source: DatasetSource, pla
                                     batch_size=batch_size, num_cpus=DECODE_CPUS)
         data = data.map_batches(_Encoder, fn_constructor_kwargs={
             "config": identity["config"], "weights": ray.put(weights), "weights_sha256": identity["weights_sha256"],
-            "encode_kwargs": encode_kwargs, "device": "cuda" if gpus_per_worker > 0 else "cpu",
+            "encode_kwargs": encode_kwargs, "device": "cuda" if gpus_per_worker > 0 else "cpu", "dtype": dtype,
             "threads": max(1, int(cpus_per_worker))}, batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
         dims = None if identity["config"]["latent_kind"] == "quantized" else assembler.latent_dim
@@ -114,7 +114,7 @@ class _Encoder:
     """A Ray actor: builds the model once, then ``tok.encode`` on each batch of decoded images."""
 
     def __init__(self, config: dict[str, Any], weights: ray.ObjectRef, weights_sha256: str,
-                 encode_kwargs: dict[str, Any], device: str, threads: int):
+                 encode_kwargs: dict[str, Any], device: str, threads: int, dtype: str = "float32"):
         weights = ray.get(weights)
         if hashlib.sha256(weights).hexdigest() != weights_sha256:
             raise RuntimeError("the model weights changed on their way to the Ray worker")
@@ -124,7 +124,7 @@ class _Encoder:
         check_weights(model_config, tensors, "weights sent to the Ray worker")
         model = ALITModel(model_config)
         model.load_state_dict(tensors, strict=True, assign=True)
-        self.tok = AdaptiveTokenizer(model).to(device=device)
+        self.tok = AdaptiveTokenizer(model).to(device=device, dtype=dtype)
         self.encode_kwargs = encode_kwargs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

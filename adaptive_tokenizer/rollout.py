@@ -102,6 +102,7 @@ class CachedEncoderState:
         capacity = self.num_prefix + encoder.tokens_per_iteration * num_iterations
         self.cache = encoder.transformer.new_cache(batch, capacity, like=self.prefix)
         self.key_mask = torch.ones(batch, capacity, dtype=torch.bool, device=prefix.device)
+        self.halted = False  # whether any key was removed: known on the host, so no device sync asks it
         self.latents: Tensor | None = None
 
     def step(self, iteration: int) -> Tensor:
@@ -112,7 +113,7 @@ class CachedEncoderState:
             self.latents = out[:, self.num_prefix :]
             return self.latents
         end = self.cache.length + block.shape[1]
-        mask = self.key_mask[:, None, None, :end] if not self.key_mask[:, :end].all() else None
+        mask = self.key_mask[:, None, None, :end] if self.halted else None
         out = self.encoder.transformer(block, mask, cache=self.cache)
         self.latents = torch.cat([self.latents, out], dim=1)
         return self.latents
@@ -120,6 +121,7 @@ class CachedEncoderState:
     def halt(self, mask: Tensor) -> None:
         """Remove the 2D tokens ``mask`` ``[n, G2]`` from the keys of all later blocks."""
         self.key_mask[:, 1 : self.num_prefix] &= ~mask
+        self.halted = True
 
     def select(self, rows: Tensor) -> None:
         self.cache.select(rows)
@@ -149,6 +151,7 @@ class RolloutRun:
         self.state = ENCODER_STATES[config.rollout](model, prefix, num_iterations)
         self.decoder_queries = model.decoder.normed_queries()
         self.active = torch.arange(pixels.shape[0], device=pixels.device)  # input rows still running
+        self.active_rows = list(range(pixels.shape[0]))  # the same, on the host (no device sync to read it)
         self.iteration = 0  # the next iteration to run
         # cached rollout: an earlier block's latents never change, so neither do its tokens (see all_tokens)
         self.earlier_tokens: tuple[Tensor, Tensor | None] | None = None
@@ -204,6 +207,7 @@ class RolloutRun:
 
     def keep(self, rows: Tensor) -> None:
         """Keep only the active images at positions ``rows`` (the others leave the batch)."""
+        self.active_rows = [self.active_rows[r] for r in rows.tolist()]
         rows = rows.to(self.pixels.device)
         self.active, self.pixels = self.active[rows], self.pixels[rows]
         self.base_features = self.base_features[rows]
@@ -219,13 +223,17 @@ def pixel_error(reconstruction: Tensor, pixels: Tensor) -> Tensor:
     return (reconstruction - pixels).abs().mean(dim=(1, 2, 3))
 
 
-PIXEL_DECODE_CHUNK = 4  # images per pixel-decoder call: on a CPU, a few at a time is faster than one big batch
+# Images per pixel-decoder call, by device type: on a CPU a few at a time run faster than one big batch (their
+# activations stay in cache: measured on the project's machines); on an accelerator the whole batch at once (more
+# parallel work, fewer launches). A device type not listed decodes the whole batch.
+PIXEL_DECODE_CHUNKS = {"cpu": 4}
 
 
 def reconstruct(model: ALITModel, logits: Tensor) -> Tensor:
     """Decoder ``logits`` ``[n, G2, K]`` -> unclamped reconstructions ``[n, 3, R, R]`` float32, decoded
-    :data:`PIXEL_DECODE_CHUNK` images at a time."""
-    return torch.cat([model.reconstruct(part).float() for part in logits.split(PIXEL_DECODE_CHUNK)])
+    :data:`PIXEL_DECODE_CHUNKS` images at a time for the logits' device type."""
+    chunk = PIXEL_DECODE_CHUNKS.get(logits.device.type) or max(len(logits), 1)
+    return torch.cat([model.reconstruct(part).float() for part in logits.split(chunk)])
 
 
 def pixel_errors(model: ALITModel, logits: Tensor, pixels: Tensor) -> Tensor:
@@ -278,12 +286,12 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_co
 
         if not selecting:
             if last:
-                for row, image in enumerate(run.active.tolist()):
+                for row, image in enumerate(run.active_rows):
                     tokens[image] = step_tokens[row].clone()
             continue
-        error_cpu = check_finite(error).cpu()
-        decodes[run.active.cpu()] += 1
-        for row, image in enumerate(run.active.tolist()):
+        error_cpu = check_finite(error.cpu())  # the iteration's one device sync: the host decides who goes on
+        decodes[run.active_rows] += 1
+        for row, image in enumerate(run.active_rows):
             if error_cpu[row] < best_error[image]:
                 best_error[image] = error_cpu[row]
                 tokens[image] = step_tokens[row].clone()

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .errors import InvalidInputError, MissingExtraError
 from .config import ModelConfig
-from .token_shards import ERRORS_NAME, INDEX_NAME, read_index, shard_name
+from .token_shards import ERRORS_NAME, INDEX_NAME, read_index, shard_info, shard_name
 from .tokenizer import EncodeResult
 
 try:
@@ -89,17 +89,7 @@ class TokenDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} rows")
         index %= len(self)
         group = int(np.searchsorted(self._starts, index, side="right")) - 1
-        table, row = self._row_group(group), index - int(self._starts[group])
-        values = table.column("tokens")[row].values
-        if self.config.quantized:
-            tokens = torch.from_numpy(values.to_numpy().astype(np.int64))
-        else:
-            tokens = torch.from_numpy(values.flatten().to_numpy().reshape(len(values), values.type.list_size).copy())
-        sample = {"key": table.column("key")[row].as_py(), "tokens": tokens,
-                  "num_tokens": table.column("num_tokens")[row].as_py()}
-        if "error" in table.column_names:
-            sample["error"] = table.column("error")[row].as_py()
-        return sample
+        return row_sample(self._row_group(group), index - int(self._starts[group]), self.config.quantized)
 
     def _row_group(self, group: int) -> pa.Table:
         if group in self._cache:
@@ -114,6 +104,37 @@ class TokenDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": OrderedDict()}
+
+
+def row_sample(table: pa.Table, row: int, quantized: bool) -> dict[str, Any]:
+    """Row ``row`` of a shard's table as a sample: ``{"key", "tokens", "num_tokens"(, "error")}``."""
+    values = table.column("tokens")[row].values
+    if quantized:
+        tokens = torch.from_numpy(values.to_numpy().astype(np.int64))
+    else:
+        tokens = torch.from_numpy(values.flatten().to_numpy().reshape(len(values), values.type.list_size).copy())
+    sample = {"key": table.column("key")[row].as_py(), "tokens": tokens,
+              "num_tokens": table.column("num_tokens")[row].as_py()}
+    if "error" in table.column_names:
+        sample["error"] = table.column("error")[row].as_py()
+    return sample
+
+
+def read_tokenized(path: str | os.PathLike) -> tuple[list[Tensor], list[str], dict[str, Any]]:
+    """Every row of a folder written by ``adaptive-tokenizer tokenize`` (finished shards), or of one of its shards:
+    (token sequences, keys, the job's settings)."""
+    path = Path(path)
+    if path.is_dir():
+        data = TokenDataset(path, allow_incomplete=True)
+        samples, settings = [data[i] for i in range(len(data))], data.settings
+    else:
+        settings = shard_info(path)["settings"]
+        table = pq.read_table(path)
+        quantized = ModelConfig.from_dict(settings["model"]["config"]).quantized
+        samples = [row_sample(table, row, quantized) for row in range(table.num_rows)]
+    if not samples:
+        raise InvalidInputError(f"{path} holds no tokenized rows")
+    return [sample["tokens"] for sample in samples], [sample["key"] for sample in samples], settings
 
 
 def collate_tokens(samples: Sequence[dict[str, Any]], *, pad_id: int | float = 0, offset: int = 0,

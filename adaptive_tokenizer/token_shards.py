@@ -164,7 +164,7 @@ def write_errors(directory: Path, failures: Sequence[Failure]) -> None:
 def check_same_job(directory: Path, settings: dict[str, Any], shards: dict[int, Path]) -> None:
     """Refuse to continue a job in ``directory`` whose finished shards were made with other settings."""
     for path in shards.values():
-        recorded = with_length_rule(shard_info(path)["settings"])
+        recorded = normalized_settings(shard_info(path)["settings"])
         if recorded != settings:
             differences = sorted(_differences(recorded, settings))
             raise InvalidInputError(
@@ -172,12 +172,14 @@ def check_same_job(directory: Path, settings: dict[str, Any], shards: dict[int, 
                 f"use another output folder, or delete {directory} to start over")
 
 
-def with_length_rule(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings recorded before the effective length rule was: a ``halt_threshold`` without ``length_rule`` ran
-    the default of that time, ``"exact"``."""
+def normalized_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as recorded now, from shards written before some were: a ``halt_threshold`` without
+    ``length_rule`` ran the default of that time, ``"exact"``; no ``dtype`` was float32."""
     encode = settings.get("encode", {})
     if "halt_threshold" in encode and "length_rule" not in encode:
-        return {**settings, "encode": dict(sorted({**encode, "length_rule": "exact"}.items()))}
+        settings = {**settings, "encode": dict(sorted({**encode, "length_rule": "exact"}.items()))}
+    if "dtype" not in settings:
+        settings = {**settings, "dtype": "float32"}
     return settings
 
 

@@ -173,7 +173,8 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
                      encode_kwargs: Mapping[str, Any] | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                      batch_size: int = 16, engine: str = "local", workers: int | None = None,
                      cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0, device: str | torch.device | None = None,
-                     image_column: str = "image", progress: bool | None = None) -> TokenizeSummary:
+                     dtype: str | torch.dtype | None = None, image_column: str = "image",
+                     progress: bool | None = None) -> TokenizeSummary:
     """Tokenize every image of ``source`` into Parquet shards in ``output_dir`` (resuming a job already there).
 
     ``source``: a folder (searched recursively for the image types Pillow reads), a text file listing image paths,
@@ -185,6 +186,8 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
     ``engine``: ``"local"`` (``workers`` image-decoding threads, default 2; the model on ``device``) or ``"ray"``
     (``workers`` actors, default 1, each loading the model once with ``cpus_per_worker`` CPUs and
     ``gpus_per_worker`` GPUs; connects to ``RAY_ADDRESS`` if set, else starts a local Ray).
+    ``dtype``: the model's (float32 by default; bfloat16, or float16 on CUDA): recorded in the settings, since tokens
+    depend on it, so a job is never resumed in another dtype.
     ``progress``: a progress bar (default: when stderr is a terminal). Tokens do not depend on the engine,
     ``workers`` or ``batch_size``.
     """
@@ -204,12 +207,12 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
         source = ray_dataset_source(source, image_column)
     else:
         source = open_source(source, image_column)
-    tok, model_name = _load_model(model, device)
+    tok, model_name = _load_model(model, device, dtype)
     identity, weights = model_identity(tok.model)
     from . import __version__
 
     settings = {"library_version": __version__, "model": identity, "encode": encode_settings(tok, encode_kwargs),
-                "shard_size": shard_size, "source": source.identity}
+                "dtype": str(tok.dtype).removeprefix("torch."), "shard_size": shard_size, "source": source.identity}
     settings = json.loads(json.dumps(settings))  # as stored (lists, not tuples), so comparisons are like for like
     directory = Path(output_dir)
     plan = ShardPlan(len(source), shard_size)
@@ -225,7 +228,7 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
         from .ray_tokenize import run_ray
 
         run_ray(identity, weights, source, plan, pending, assembler, settings["encode"], batch_size, workers or 1,
-                cpus_per_worker, gpus_per_worker, progress)
+                cpus_per_worker, gpus_per_worker, progress, dtype=settings["dtype"])
     if assembler.open_shards:  # every input is a row or a failure; anything else is a bug
         raise RuntimeError(f"shards {assembler.open_shards} did not receive all their inputs")
     return _finish(directory, settings, about, plan, done, assembler.written, time.perf_counter() - start,
@@ -236,12 +239,11 @@ def _is_ray_dataset(source: Any) -> bool:
     return any(cls.__module__.startswith("ray.data") and cls.__name__ == "Dataset" for cls in type(source).__mro__)
 
 
-def _load_model(model: Any, device: str | torch.device | None) -> tuple[AdaptiveTokenizer, str]:
+def _load_model(model: Any, device: str | torch.device | None,
+                dtype: str | torch.dtype | None) -> tuple[AdaptiveTokenizer, str]:
     if isinstance(model, AdaptiveTokenizer):
-        if device is not None:
-            model.to(device=device)
-        return model, "AdaptiveTokenizer instance"
-    tok = AdaptiveTokenizer.from_pretrained(model, device=device)
+        return model.to(device=device, dtype=dtype), "AdaptiveTokenizer instance"
+    tok = AdaptiveTokenizer.from_pretrained(model, device=device, dtype=dtype)
     return tok, str(model) if model is not None else "default"
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with CUDA: the test suite (tests/test_devices.py adds its CUDA cases when CUDA is
-# available), then `bench` on CUDA in float32 / bfloat16 / float16 at the default and alit_small sizes.
+# available), then `bench` on CUDA in float32 / bfloat16 / float16 at the default and alit_small sizes, then the
+# fixed-budget rollout's host syncs and time per iteration (scripts/host_syncs.py).
 # Writes a JSON report (default gpu_report.json): GPU name, torch/CUDA versions, the pytest outcome, one bench
 # summary per size and dtype. Run from the repository root in an environment where `pip install ".[test]"` was
 # done with a CUDA build of torch. Not yet run: the project's machines have no GPU.
@@ -22,6 +23,9 @@ for size in default alit_small; do
   done
 done
 
+python scripts/host_syncs.py --device cuda > "$work/host_syncs.log" 2>&1
+echo $? > "$work/host_syncs.status"
+
 python - "$work" "$report" "$pytest_status" <<'PY'
 import json, pathlib, sys, torch
 work, report, pytest_status = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -36,8 +40,15 @@ for log in sorted(work.glob("bench_*.log")):
     bench[log.stem[len("bench_"):]] = {"status": status, "summary": summary,
                                        "log_tail": None if summary is not None else lines[-20:]}
 pytest_tail = (work / "pytest.log").read_text().strip().splitlines()[-3:]
+syncs_lines = (work / "host_syncs.log").read_text().strip().splitlines()
+syncs_status = int((work / "host_syncs.status").read_text())
+try:
+    host_syncs = json.loads(syncs_lines[-1]) if syncs_status == 0 and syncs_lines else {"log_tail": syncs_lines[-20:]}
+except json.JSONDecodeError:
+    host_syncs = {"log_tail": syncs_lines[-20:]}
 result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-          "pytest": {"status": pytest_status, "summary": pytest_tail}, "bench": bench}
+          "pytest": {"status": pytest_status, "summary": pytest_tail}, "bench": bench,
+          "host_syncs": host_syncs}
 pathlib.Path(report).write_text(json.dumps(result, indent=2) + "\n")
 failed = pytest_status != 0 or any(b["status"] != 0 for b in bench.values())
 print(f"wrote {report}; {'FAILED' if failed else 'all passed'}")

@@ -237,3 +237,22 @@ def test_bfloat16_rollouts_run(pixels):
         tok = AdaptiveTokenizer(small_model(rollout=kind)).to(dtype="bf16")
         result = tok.encode(pixels, halt_threshold=0.5)
         assert tok.decode(result).dtype == torch.float32 and result.tokens[0].dtype == torch.long
+
+
+def test_a_fixed_budget_does_not_wait_for_the_device_at_every_iteration(pixels):
+    """Host syncs (values read back, ``nonzero``, device-to-host copies) of a fixed-budget rollout do not grow with
+    its iterations, with halting on or off: on CUDA the iterations are queued without a round trip each. (On a CPU
+    the copies dispatch nothing, so this counts the value reads; ``scripts/host_syncs.py`` measures CUDA.)"""
+    from adaptive_tokenizer.bench import HostSyncCounter
+
+    for halting in (None, 0.02):
+        model = small_model(dynamic_halting=halting is not None, dynamic_halting_confidence=halting or 0.99)
+        counts = []
+        for iterations in (1, 2, 4):
+            with torch.no_grad(), HostSyncCounter() as syncs:  # (inference_mode hides ops from dispatch modes)
+                rollout(model, pixels, iterations, halting_confidence=halting)
+            counts.append(syncs.count)
+        assert counts[0] == counts[1] == counts[2], (halting, counts)
+    with torch.no_grad(), HostSyncCounter() as syncs:  # the counter sees a value read
+        bool((pixels > 0.5).any())
+    assert syncs.count == 1

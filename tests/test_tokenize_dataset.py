@@ -377,7 +377,7 @@ def test_the_effective_length_rule_is_recorded_so_a_resumed_job_never_mixes_rule
     """With ``halt_threshold`` and no ``length_rule`` the settings record the rule that ran: ``"verified"`` for a
     model with a length predictor, ``"exact"`` (the fallback) without one. A rerun asking for another rule is
     refused by name; shards written before the rule was recorded count as ``"exact"``, the default of their time."""
-    from adaptive_tokenizer.token_shards import with_length_rule
+    from adaptive_tokenizer.token_shards import normalized_settings
 
     from .test_length_rules import tokenizer
 
@@ -397,11 +397,54 @@ def test_the_effective_length_rule_is_recorded_so_a_resumed_job_never_mixes_rule
         tokenize_dataset(folder, out, model=tok, encode_kwargs={"halt_threshold": 0.2, "length_rule": rule},
                          shard_size=2)  # the same rule named: the same job
     old = {"encode": {"halt_threshold": 0.2, "max_tokens": 64}, "shard_size": 2}
-    assert with_length_rule(old)["encode"] == {"halt_threshold": 0.2, "length_rule": "exact", "max_tokens": 64}
-    assert with_length_rule({"encode": {"max_tokens": 64}}) == {"encode": {"max_tokens": 64}}
+    assert normalized_settings(old)["encode"] == {"halt_threshold": 0.2, "length_rule": "exact", "max_tokens": 64}
+    assert normalized_settings({"encode": {"max_tokens": 64}}) == {"encode": {"max_tokens": 64}, "dtype": "float32"}
 
 
 def test_token_dataset_lists_every_rows_length_from_one_column(budget_run):
     data = TokenDataset(budget_run)
     lengths = data.num_tokens()
     assert lengths.dtype == np.int64 and lengths.tolist() == [data[i]["num_tokens"] for i in range(len(data))]
+
+
+def test_the_dtype_is_a_setting_so_a_job_never_mixes_float32_and_bfloat16(photo_dir, tmp_path):
+    from .test_length_rules import tokenizer
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for key in photo_dir[1][:2]:
+        Image.open(photo_dir[0] / key).save(folder / Path(key).name)
+    out = tmp_path / "tokens"
+    tokenize_dataset(folder, out, model=tokenizer("cached", False, predictor=False), dtype="bfloat16",
+                     encode_kwargs={"budget": 16}, shard_size=1)
+    assert json.loads((out / "index.json").read_text())["settings"]["dtype"] == "bfloat16"
+    (out / "part-00001.parquet").unlink()  # as if the job had been killed after its first shard
+    with pytest.raises(ValueError, match='dtype: "bfloat16" before, "float32" now'):
+        tokenize_dataset(folder, out, model=tokenizer("cached", False, predictor=False), encode_kwargs={"budget": 16},
+                         shard_size=1)
+
+
+@pytest.mark.parametrize("what", ["folder", "shard"])
+def test_decode_reads_what_tokenize_wrote(converted_dirs, budget_run, tmp_path, capsys, what):
+    """``adaptive-tokenizer decode`` takes the output folder of ``tokenize`` or one of its shards: one PNG per row,
+    named after its key, equal to ``tok.decode`` of the row's tokens; another model is refused by name."""
+    from adaptive_tokenizer import AdaptiveTokenizer
+
+    source = budget_run if what == "folder" else budget_run / "part-00000.parquet"
+    out = tmp_path / "pngs"
+    code, stdout, _ = run_cli(capsys, "decode", "--model", converted_dirs["A"], source, "-o", out)
+    assert code == 0
+    rows = TokenDataset(budget_run)
+    expected_rows = [rows[i] for i in range(len(rows))] if what == "folder" else read_rows(source.parent)[:4]
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == len(expected_rows) and f"decoded {len(names)} images" in stdout
+    tok = AdaptiveTokenizer.from_pretrained(converted_dirs["A"])
+    first = rows[0]
+    pixels = tok.decode([first["tokens"]])[0]
+    from adaptive_tokenizer.image_io import to_pil
+
+    with Image.open(out / (Path(first["key"]).stem + ".png")) as png:  # decoded in a batch: rounding may differ by 1
+        difference = np.asarray(png).astype(int) - np.asarray(to_pil(pixels)).astype(int)
+        assert np.abs(difference).max() <= 1
+    code, _, err = run_cli(capsys, "decode", "--model", converted_dirs["B"], source, "-o", tmp_path / "other")
+    assert code == 2 and "tokenized by another model" in err

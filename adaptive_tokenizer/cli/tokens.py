@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,8 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
                                                             "same command to resume")
     p.add_argument("--model", metavar="MODEL", help=MODEL_HELP + " (default: the embedded default model)")
     p.add_argument("--device", default="cpu", help="torch device of the local engine (default: cpu)")
+    p.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="float32 (default), bfloat16, or float16 (CUDA only); recorded: a job resumes only in it")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-tokens", type=int, metavar="N", help="tokens per image, at most (default: model max)")
     length.add_argument("--budget", type=int, dest="max_tokens", metavar="N", help="alias of --max-tokens")
@@ -107,7 +110,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     summary = tokenize_dataset(args.source, args.output_dir, model=args.model, encode_kwargs=encode_kwargs,
                                shard_size=args.shard_size, batch_size=args.batch_size, engine=args.engine,
                                workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                               gpus_per_worker=args.gpus_per_worker, device=parse_device(args.device))
+                               gpus_per_worker=args.gpus_per_worker, device=parse_device(args.device),
+                               dtype=args.dtype)
     print(summary.line())
     if summary.num_failed:
         print(f"{summary.num_failed} inputs could not be read: see {Path(args.output_dir) / 'errors.jsonl'}",
@@ -117,17 +121,26 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def decode_arguments(p: argparse.ArgumentParser) -> None:
     model_options(p)
-    p.add_argument("tokens", metavar="TOKENS.safetensors")
+    p.add_argument("tokens", metavar="TOKENS", help="a token file (encode), or a folder or .parquet shard (tokenize)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_FOLDER")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default: 16)")
 
 
-@command("decode", "decode a token file into PNG images",
+@command("decode", "decode a token file, or what tokenize wrote, into PNG images",
          decode_arguments)
 def cmd_decode(args: argparse.Namespace) -> int:
-    """Decode a token file into one PNG per image."""
-    sequences, sources = load_token_file(args.tokens)
+    """Decode a token file, or a folder or shard written by `tokenize`, into one PNG per image."""
     tok = load_tokenizer(args)
+    if os.path.isdir(args.tokens) or args.tokens.endswith(".parquet"):
+        from ..serialization import model_identity
+        from ..token_dataset import read_tokenized
+
+        sequences, sources, settings = read_tokenized(args.tokens)
+        if settings["model"]["weights_sha256"] != model_identity(tok.model)[0]["weights_sha256"]:
+            raise UsageError(f"{args.tokens} was tokenized by another model than {model_label(args)} (its weights' "
+                             "sha256 differs): decode with the model that tokenized it")
+    else:
+        sequences, sources = load_token_file(args.tokens)
     file_kind = "quantized" if sequences[0].dim() == 1 else "continuous"
     if file_kind != tok.config.latent_kind:
         raise UsageError(f"{args.tokens} holds {file_kind} tokens but the model {model_label(args)} is "
