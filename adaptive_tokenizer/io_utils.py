@@ -8,6 +8,10 @@ leaves nothing new behind. :func:`refuse_inputs_as_outputs` stops a command from
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+
 import io
 import os
 import secrets
@@ -100,3 +104,22 @@ def _new_parents(path: Path | None) -> Iterator[None]:
             except OSError:
                 break
         raise
+
+
+@functools.cache
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``; nothing elsewhere).
+
+    A long encode keeps a few small tensors per image (its tokens) while large batch buffers come and go; glibc
+    then cannot shrink its heap past the small live blocks, and resident memory grows with the number of images
+    (measured: +1.6 GB over 5,000 images) although nothing leaks. Trimming after each batch keeps it flat."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)

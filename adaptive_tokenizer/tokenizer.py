@@ -16,7 +16,7 @@ from torch import Tensor
 from .errors import InvalidInputError, InvalidInputTypeError
 from .hub import CARD_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, iter_image_batches
-from .io_utils import write_atomic
+from .io_utils import release_free_heap, write_atomic
 from .model import ALITModel
 from .length_rules import (LengthRule, choose_length, missing_predictor_message, predict_errors,
                            resolve_length_rule)
@@ -248,8 +248,11 @@ class AdaptiveTokenizer:
                 else:
                     out = choose_length(self.model, batch, num_iterations, halt_threshold, rule,
                                         halting_confidence=self._halting_confidence())
-            yield EncodeResult([t.cpu() for t in out.tokens], out.num_iterations * self.tokens_per_iteration,
-                               out.errors, out.predicted_errors, length_rule=rule)
+            result = EncodeResult([t.cpu() for t in out.tokens], out.num_iterations * self.tokens_per_iteration,
+                                  out.errors, out.predicted_errors, length_rule=rule)
+            del pixels, batch, out
+            release_free_heap()  # the batch's buffers are free: keep resident memory flat over long inputs
+            yield result
 
     def predict_errors(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int | None = None) -> Tensor:
         """The length predictor's estimate of each image's mean absolute pixel error at every length, ``[N, I]``
