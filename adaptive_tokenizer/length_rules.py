@@ -74,8 +74,8 @@ def resolve_length_rule(model: ALITModel, halt_threshold: float | None, length_r
     if halt_threshold is None:
         raise InvalidInputError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
                          "too (without it every image gets max_tokens tokens)")
-    if length_rule in PREDICTOR_RULES and model.length_predictor is None:
-        raise InvalidInputError(missing_predictor_message(length_rule))
+    if length_rule in PREDICTOR_RULES:
+        require_predictor(model, f"length_rule={length_rule!r}")
     return length_rule
 
 
@@ -158,8 +158,7 @@ def predicted_choice(predicted: Tensor, target_error: float, margin: float) -> T
 
 def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
     """The length predictor's estimate of every length's error ``[N, max_iterations]`` (one encoder iteration)."""
-    if model.length_predictor is None:
-        raise InvalidInputError(missing_predictor_message())
+    require_predictor(model, "predict_errors")
     run = RolloutRun(model, pixels, 1)
     return _predicted_errors(model, run, run.encode_step(), model.config.max_iterations).float()
 
@@ -167,8 +166,7 @@ def predict_errors(model: ALITModel, pixels: Tensor) -> Tensor:
 def predicted_rollout(model: ALITModel, pixels: Tensor, num_iterations: int, target_error: float, *,
                       halting_confidence: float | None = None) -> RolloutOutput:
     """The ``"predicted"`` rule: lengths from the predictor, then exactly those iterations, no pixel decode."""
-    if model.length_predictor is None:
-        raise InvalidInputError(missing_predictor_message())
+    require_predictor(model, "length_rule='predicted'")
     batch = pixels.shape[0]
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     latents = run.encode_step()
@@ -337,8 +335,8 @@ def decoding_rollout(model: ALITModel, pixels: Tensor, num_iterations: int,
     iteration at a time; whatever lengths the searches ask for that are already encoded are decoded together
     (:func:`probe_errors`), and an image leaves the encoder's batch once no longer length can be its answer, so
     images that settle early cost no more encoding."""
-    if need_predictor and model.length_predictor is None:
-        raise InvalidInputError(missing_predictor_message("verified"))
+    if need_predictor:
+        require_predictor(model, "length_rule='verified'")
     run = RolloutRun(model, pixels, num_iterations, halting_confidence=halting_confidence)
     all_pixels = run.pixels
     latents = run.encode_step()
@@ -398,7 +396,11 @@ def probe_errors(model: ALITModel, run: RolloutRun, probes: list[tuple[int, int]
     return values
 
 
-def missing_predictor_message(rule: str = "predicted") -> str:
-    return (f"length_rule={rule!r} needs a model with a length predictor, and this model has none; fit one with "
-            "`adaptive-tokenizer fit-length-predictor --model MODEL PHOTOS... -o OUT_DIR` (a few minutes on a CPU) "
-            "and load OUT_DIR, or use length_rule='exact' or 'search' (they need none)")
+def require_predictor(model: ALITModel, what: str) -> None:
+    """The one check that ``what`` (a rule, a method) has the length predictor it needs: ValueError saying how to fit
+    one otherwise."""
+    if model.length_predictor is None:
+        raise InvalidInputError(f"{what} needs a model with a length predictor, and this model has none; fit one with "
+                                "`adaptive-tokenizer fit-length-predictor --model MODEL PHOTOS... -o OUT_DIR` (a few "
+                                "minutes on a CPU) and load OUT_DIR, or use length_rule='exact' or 'search' (they "
+                                "need none)")

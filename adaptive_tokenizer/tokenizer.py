@@ -18,7 +18,7 @@ from .hub import CARD_NAME, Manifest, ModelInfo, push_folder, render_model_card,
 from .image_io import ImageInput, iter_image_batches
 from .io_utils import release_free_heap, write_atomic
 from .model import ALITModel
-from .length_rules import (LengthRule, choose_length, missing_predictor_message, predict_errors,
+from .length_rules import (LengthRule, choose_length, predict_errors, require_predictor,
                            resolve_length_rule)
 from .rollout import IterationRecord, reconstruct, rollout
 from .serialization import load_model_files, save_model_files
@@ -258,8 +258,7 @@ class AdaptiveTokenizer:
         """The length predictor's estimate of each image's mean absolute pixel error at every length, ``[N, I]``
         float32 (lengths ``tokens_per_iteration * (1..max_iterations)``), from one encoder iteration. A prediction,
         not a measurement (:meth:`reconstructions` measures). ValueError for a model without a predictor."""
-        if self.model.length_predictor is None:
-            raise InvalidInputError(missing_predictor_message())
+        require_predictor(self.model, "predict_errors")
         with torch.inference_mode():
             return torch.cat([predict_errors(self.model, pixels.to(self.device)).cpu() for pixels in
                               iter_image_batches(images, self.config.image_size, self._batch_size(batch_size))])
