@@ -363,7 +363,8 @@ def pack_rows(rows: Sequence[Tensor], capacity: int, *, pad_id: int = 0,
     for index in sorted(range(len(rows)), key=lambda i: -lengths[i]):  # sorted() is stable: input order on ties
         target = next((b for b, room in enumerate(free) if room >= lengths[index]), None)
         if target is None:
-            bins.append([]), free.append(capacity)
+            bins.append([])
+            free.append(capacity)
             target = len(bins) - 1
         bins[target].append(index)
         free[target] -= lengths[index]
