@@ -24,6 +24,15 @@ from adaptive_tokenizer.io_utils import write_atomic
 
 
 # ---- setup ---------------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` as recorded in provenance files: relative to the repository root (``../shared/corpus/photos``), so
+    that no machine's absolute paths are recorded or shipped."""
+    return os.path.relpath(Path(path).resolve(), REPO_ROOT)
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -216,7 +225,7 @@ class Provenance:
         if base_record := read_provenance(base, "vq"):
             self.record["base"] = base_record
         self.record["data"] = data_record
-        self.session = {"command": [sys.executable, "-m", f"training.{stage}", *getattr(args, "argv", sys.argv[1:])],
+        self.session = {"command": ["python", "-m", f"training.{stage}", *getattr(args, "argv", sys.argv[1:])],
                         "args": {k: v for k, v in vars(args).items() if k != "argv"},
                         "seed": args.seed, "machine": machine_description(),
                         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

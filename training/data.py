@@ -24,7 +24,7 @@ from torch import Tensor
 from adaptive_tokenizer.image_io import IMAGE_SUFFIXES, open_image, pil_to_tensor, to_rgb
 from adaptive_tokenizer.metrics import grey
 
-from .common import atomic_write_text, file_list_hash
+from .common import atomic_write_text, file_list_hash, repo_relative
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
@@ -55,15 +55,15 @@ def prepare_split(folder: str | os.PathLike, out: Path, val_fraction: float) -> 
     """List + split the folder, write ``OUT/split.json`` and return (train, val, data record for provenance)."""
     names = list_images(folder)
     train, val = split_files(names, val_fraction)
-    record = {"folder": str(Path(folder).resolve()), "num_files": len(names), "file_list_sha256": file_list_hash(names),
+    record = {"folder": repo_relative(folder), "num_files": len(names), "file_list_sha256": file_list_hash(names),
               "num_train": len(train), "num_val": len(val), "val_fraction": val_fraction,
               "split_rule": "validation = the ceil(val_fraction*n) files with the smallest sha256(relative path)"}
     corpus_readme = Path(folder).resolve().parent / "README.md"
     if corpus_readme.is_file():
-        record["corpus_readme"] = str(corpus_readme)
+        record["corpus_readme"] = repo_relative(corpus_readme)
         for extra in ("manifest.csv", "provenance.csv"):
             if (corpus_readme.parent / extra).is_file():
-                record[extra.replace(".", "_")] = str(corpus_readme.parent / extra)
+                record[extra.replace(".", "_")] = repo_relative(corpus_readme.parent / extra)
     sources = source_summary(folder, train + val)
     if sources:
         record["sources"] = sources

@@ -1,6 +1,6 @@
 """Stage 2: latent distillation (the paper's recipe) of an ALIT model on a frozen base tokenizer.
 
-    python -m training.distill --data /work/shared/corpus/photos --base /work/runs/vq/export --out /work/runs/alit \
+    python -m training.distill --data ../shared/corpus/photos --base ../runs/vq/export --out ../runs/alit \
         [--max-minutes 60 --threads 1]
 
 Trains ``adaptive_tokenizer.model.ALITModel`` (default: the embedded default model's configuration, cached
@@ -50,7 +50,7 @@ from adaptive_tokenizer.tokenizer import AdaptiveTokenizer
 from . import loop
 from .alit_init import INIT_SCHEMES, init_alit_weights, start_from
 from .common import (add_common_args, atomic_write_text, autocast, iteration_weights, loss_weight, make_scaler,
-                     optimizer_step)
+                     optimizer_step, repo_relative)
 from adaptive_tokenizer.metrics import chroma, colour_offset, gradient_magnitude, is_greyscale, l1_error
 
 from .losses import smoothed_cross_entropy
@@ -389,7 +389,7 @@ class DistillStage(loop.Stage):
 
     def provenance(self) -> dict:
         return {"config": self.config.to_dict(), "parameters": self.model.num_parameters(),
-                "base": str(Path(self.args.base).resolve()), "init": self.args.init}
+                "base": repo_relative(self.args.base), "init": self.args.init}
 
     def state_dict(self) -> dict:
         extra = {"adversary": self.adversary.state_dict()} if self.adversary is not None else {}

@@ -3,8 +3,8 @@ preprocessing), mean L1 of the decoded (clamped) reconstruction at every budget,
 reconstruction, all through the public API (``AdaptiveTokenizer.from_pretrained``); beside L1 the sharpness
 (``sharp_*``: mean grey gradient magnitude over the inputs', ``adaptive_tokenizer.metrics``).
 
-    python -m training.evaluate --model /work/runs/alit/export --data FOLDER [--split /work/runs/alit/split.json]
-    python -m training.evaluate --base /work/runs/vq/export --data FOLDER --split /work/runs/vq/split.json
+    python -m training.evaluate --model ../runs/alit/export --data FOLDER [--split ../runs/alit/split.json]
+    python -m training.evaluate --base ../runs/vq/export --data FOLDER --split ../runs/vq/split.json
 
 ``--split``: evaluate only the held-out (``val``) files of a run's ``split.json``; otherwise every image in the
 folder. ``--base``: a stage-1 export (VQ autoencoder only).

@@ -1,6 +1,6 @@
 """Ship a trained model inside the package: fp16 weights, model card, and its weights-manifest entry.
 
-    python -m training.ship --model /work/runs/alit/export --name alit-photos-128 --default \
+    python -m training.ship --model ../runs/alit/export --name alit-photos-128 --default \
         --description "..." --training-data "..." --recipe "..."
 
 The export may carry a length predictor (``adaptive-tokenizer fit-length-predictor``): it is shipped with it.

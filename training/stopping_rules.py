@@ -3,7 +3,7 @@ whose mean length is closest to ``--target-tokens`` (128), the mean L1 it reache
 and how well its lengths follow image complexity (Spearman against JPEG bytes per pixel, as ``evaluate``).
 
     python -m training.stopping_rules evaluation/photos [--model FOLDER]
-    python -m training.stopping_rules /work/shared/corpus/photos --split runs/alit17/split.json --floor-weights
+    python -m training.stopping_rules ../shared/corpus/photos --split runs/alit17/split.json --floor-weights
 
 ``--split``: the held-out (``val``) files of a run's ``split.json`` under the folder, not the whole folder.
 

@@ -1,6 +1,6 @@
 """Stage 1: the base VQ autoencoder (``adaptive_tokenizer.base_tokenizer.VQGAN``).
 
-    python -m training.vq --data /work/shared/corpus/photos --out /work/runs/vq [--max-minutes 55 --threads 1]
+    python -m training.vq --data ../shared/corpus/photos --out ../runs/vq [--max-minutes 55 --threads 1]
 
 Conv encoder/decoder (8x downsampling: 128 px -> 16x16 grid), 1024-entry codebook trained as an EMA k-means
 codebook with dead-code restarts (inference uses plain squared-L2 nearest neighbour on the stored, unnormalised
