@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .config import ModelConfig
 from .model import ALITModel
 from .presets import get_preset, list_presets
@@ -175,10 +175,10 @@ def run_benchmark(preset: str | ModelConfig, batch: int, threads: int, device: s
                   print_fn: Callable[[str], None] = print) -> dict:
     """Run every measurement (see the module docstring); print a table, then one JSON line; return the JSON."""
     if batch < 1 or threads < 1 or repeats < 1:
-        raise InvalidInputError("batch, threads and repeats must be positive")
+        raise InputError("batch, threads and repeats must be positive")
     config = get_preset(preset) if isinstance(preset, str) else preset
     if any(b % config.tokens_per_iteration or not 0 < b <= config.max_tokens for b in budgets):
-        raise InvalidInputError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
+        raise InputError(f"budgets must be multiples of {config.tokens_per_iteration} up to {config.max_tokens}")
     preset = preset if isinstance(preset, str) else "custom"
     torch.set_num_threads(threads)
     device_ = torch.device(device)
@@ -375,7 +375,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-tokens", type=int, default=128, help="mean adaptive length to calibrate for")
     parser.add_argument("--budgets", default="32,64,128,256")
     parser.add_argument("--rules", action="store_true",
-                        help="time the length rules (exact, search, verified, predicted) on a trained model (--model, default "
+                        help="time the length rules (exact, search, verified, predicted) on a trained model "
+                             "(--model, default "
                              "the embedded one) and the photos of --images, instead of the architecture benchmark")
     parser.add_argument("--model", default=None, help="with --rules: the model (default: the embedded default)")
     parser.add_argument("--images", default="evaluation/photos",

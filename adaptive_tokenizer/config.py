@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .io_utils import write_atomic
 
 CONFIG_FORMAT_VERSION = 1
@@ -44,11 +44,11 @@ class JSONConfig:
     @classmethod
     def from_dict(cls: type[_Config], data: dict[str, Any]) -> _Config:
         if not isinstance(data, dict):
-            raise InvalidInputError(f"{cls._label} must be a JSON object, got {type(data).__name__}")
+            raise InputError(f"{cls._label} must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InvalidInputError(f"{cls._label} has unknown fields {unknown}; known fields: {sorted(known)}")
+            raise InputError(f"{cls._label} has unknown fields {unknown}; known fields: {sorted(known)}")
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
 
     def to_json_string(self) -> str:
@@ -63,9 +63,9 @@ class JSONConfig:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InvalidInputError(f"{path} is not valid JSON (UTF-8): {err}") from None
+            raise InputError(f"{path} is not valid JSON (UTF-8): {err}") from None
         if not isinstance(data, dict):
-            raise InvalidInputError(f"{path} must hold a JSON object")
+            raise InputError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
 
 
@@ -111,18 +111,18 @@ class VQGANConfig(JSONConfig):
         _positive(self, "in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "codebook_size",
                   "codebook_dim", "resolution", "norm_groups")
         if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
-            raise InvalidInputError(f"VQGANConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
+            raise InputError(f"VQGANConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
         for mult in self.ch_mult:
             if (self.ch * mult) % self.norm_groups:
-                raise InvalidInputError(f"VQGANConfig: channel count ch*mult = {self.ch * mult} must be a multiple of "
+                raise InputError(f"VQGANConfig: channel count ch*mult = {self.ch * mult} must be a multiple of "
                                  f"norm_groups ({self.norm_groups}): every GroupNorm splits the channels into them")
         if self.shortcut not in ("branch", "input"):
-            raise InvalidInputError(f"VQGANConfig.shortcut must be 'branch' (the authors') or 'input', got {self.shortcut!r}")
+            raise InputError(f"VQGANConfig.shortcut must be 'branch' (the authors') or 'input', got {self.shortcut!r}")
         if self.z_channels != self.codebook_dim:
-            raise InvalidInputError(f"VQGANConfig: z_channels ({self.z_channels}) must equal codebook_dim "
+            raise InputError(f"VQGANConfig: z_channels ({self.z_channels}) must equal codebook_dim "
                              f"({self.codebook_dim}): the codebook quantizes the encoder output directly")
         if self.resolution % self.downsample_factor:
-            raise InvalidInputError(f"VQGANConfig: resolution {self.resolution} is not divisible by the downsampling "
+            raise InputError(f"VQGANConfig: resolution {self.resolution} is not divisible by the downsampling "
                              f"factor {self.downsample_factor}")
 
 
@@ -152,13 +152,13 @@ class LengthPredictorConfig(JSONConfig):
 
     def validate(self) -> None:
         if not self.features or list(self.features) != [f for f in PREDICTOR_FEATURES if f in self.features]:
-            raise InvalidInputError(f"LengthPredictorConfig.features must be a non-empty subset of {list(PREDICTOR_FEATURES)} "
+            raise InputError(f"LengthPredictorConfig.features must be a non-empty subset of {list(PREDICTOR_FEATURES)} "
                              f"in that order, got {list(self.features)}")
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
-            raise InvalidInputError(f"LengthPredictorConfig.hidden must be an int >= 0, got {self.hidden!r}")
+            raise InputError(f"LengthPredictorConfig.hidden must be an int >= 0, got {self.hidden!r}")
         _positive(self, "num_inputs")
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 1:
-            raise InvalidInputError(f"LengthPredictorConfig.margin must be a number in [0, 1], got {self.margin!r}")
+            raise InputError(f"LengthPredictorConfig.margin must be a number in [0, 1], got {self.margin!r}")
 
 
 @dataclass(frozen=True)
@@ -247,34 +247,34 @@ class ModelConfig(JSONConfig):
                   "tokens_per_iteration", "max_iterations", "decoder_max_latent_tokens")
         self.base.validate()
         if self.latent_kind not in ("quantized", "continuous"):
-            raise InvalidInputError(f"ModelConfig.latent_kind must be 'quantized' or 'continuous', got {self.latent_kind!r}")
+            raise InputError(f"ModelConfig.latent_kind must be 'quantized' or 'continuous', got {self.latent_kind!r}")
         if self.rollout not in ("recurrent", "cached"):
-            raise InvalidInputError(f"ModelConfig.rollout must be 'recurrent' or 'cached', got {self.rollout!r}")
+            raise InputError(f"ModelConfig.rollout must be 'recurrent' or 'cached', got {self.rollout!r}")
         if self.quantized and not self.factorize_latent:
-            raise InvalidInputError("ModelConfig: quantized latents require factorize_latent=True")
+            raise InputError("ModelConfig: quantized latents require factorize_latent=True")
         if not self.factorize_latent and self.encoder_width != self.decoder_width:
-            raise InvalidInputError("ModelConfig: without factorize_latent the decoder reads encoder_width-d latents, so "
+            raise InputError("ModelConfig: without factorize_latent the decoder reads encoder_width-d latents, so "
                              f"encoder_width ({self.encoder_width}) must equal decoder_width ({self.decoder_width})")
         if self.image_size % self.patch_size:
-            raise InvalidInputError(f"ModelConfig: image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+            raise InputError(f"ModelConfig: image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         if self.base.resolution != self.image_size:
-            raise InvalidInputError(f"ModelConfig: base.resolution ({self.base.resolution}) must equal image_size "
+            raise InputError(f"ModelConfig: base.resolution ({self.base.resolution}) must equal image_size "
                              f"({self.image_size})")
         if self.base.grid_size != self.grid_size:
-            raise InvalidInputError(f"ModelConfig: the base tokenizer's grid ({self.base.grid_size}) must equal "
+            raise InputError(f"ModelConfig: the base tokenizer's grid ({self.base.grid_size}) must equal "
                              f"image_size // patch_size ({self.grid_size})")
         if self.encoder_width <= self.base.z_channels:
-            raise InvalidInputError(f"ModelConfig: encoder_width ({self.encoder_width}) must exceed base.z_channels "
+            raise InputError(f"ModelConfig: encoder_width ({self.encoder_width}) must exceed base.z_channels "
                              f"({self.base.z_channels}); the difference is the pixel patch embedding width")
         for name in ("encoder", "decoder"):
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
-                raise InvalidInputError(f"ModelConfig: {name}_width {width} is not divisible by {name}_heads {heads}")
+                raise InputError(f"ModelConfig: {name}_width {width} is not divisible by {name}_heads {heads}")
         if self.max_tokens > self.decoder_max_latent_tokens:
-            raise InvalidInputError(f"ModelConfig: max tokens ({self.max_tokens}) exceed decoder_max_latent_tokens "
+            raise InputError(f"ModelConfig: max tokens ({self.max_tokens}) exceed decoder_max_latent_tokens "
                              f"({self.decoder_max_latent_tokens})")
         if not 0.0 <= self.dynamic_halting_confidence <= 1.0:
-            raise InvalidInputError("ModelConfig.dynamic_halting_confidence is a probability in [0, 1], got "
+            raise InputError("ModelConfig.dynamic_halting_confidence is a probability in [0, 1], got "
                              f"{self.dynamic_halting_confidence}")
         if self.length_predictor is not None:
             self.length_predictor.validate()
@@ -290,7 +290,7 @@ class ModelConfig(JSONConfig):
             data = dict(data)
             version = data.pop("format_version", CONFIG_FORMAT_VERSION)
             if version != CONFIG_FORMAT_VERSION:
-                raise InvalidInputError(f"config format_version {version} is not supported (this library reads "
+                raise InputError(f"config format_version {version} is not supported (this library reads "
                                  f"{CONFIG_FORMAT_VERSION}); upgrade adaptive-tokenizer")
             for old, new in RENAMED_FIELDS.items():  # files written before a field was renamed still load
                 if old in data and new not in data:
@@ -305,7 +305,7 @@ def _positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InvalidInputError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+            raise InputError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .config import ModelConfig, VQGANConfig
 from .presets import authors_heads
 from .serialization import expected_shapes, save_model_files
@@ -64,7 +64,7 @@ _KEY_RULES: list[_KeyRule] = [*_BASE_RULES, *_TRANSFORMER_RULES, *_ENCODER_RULES
                              (r"quantize\.embedding\.weight", "quantizer.codebook"), *_DECODER_RULES]
 
 
-class ConversionError(InvalidInputError):
+class ConversionError(InputError):
     """The checkpoint does not match the ALIT architecture (the message names the keys)."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageFile, ImageOps
 
-from .errors import InvalidInputError, InvalidInputTypeError
+from .errors import InputError, InputTypeError
 from .image_io import ImageInput
 
 
@@ -55,7 +55,7 @@ class DatasetSource:
         if self.kind == "hf_dataset":
             return _dataset_image(self._images[position][self.image_column])
         if self.kind == "ray_dataset":
-            raise InvalidInputTypeError("a ray.data.Dataset has no random access; the Ray engine reads its rows")
+            raise InputTypeError("a ray.data.Dataset has no random access; the Ray engine reads its rows")
         return self._images[position]
 
     @property
@@ -88,8 +88,8 @@ def open_source(source: Any, image_column: str = "image") -> DatasetSource:
         raise FileNotFoundError(f"no such folder or list file: {path}")
     if _is_hf_dataset(source):
         return _hf_source(source, image_column)
-    raise InvalidInputTypeError(f"unsupported source of type {type(source).__name__}: pass a folder of images, a text file "
-                    "listing image paths, a datasets.Dataset or (engine='ray') a ray.data.Dataset")
+    raise InputTypeError(f"unsupported source of type {type(source).__name__}: pass a folder of images, a text file "
+                         "listing image paths, a datasets.Dataset or (engine='ray') a ray.data.Dataset")
 
 
 def _folder_source(folder: Path) -> DatasetSource:
@@ -101,7 +101,7 @@ def _folder_source(folder: Path) -> DatasetSource:
         keys += [(relative / name).as_posix() for name in files
                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes]
     if not keys:
-        raise InvalidInputError(f"no image files in folder {folder} (searched recursively for "
+        raise InputError(f"no image files in folder {folder} (searched recursively for "
                          f"{', '.join(sorted(suffixes)[:8])}, ...)")
     keys.sort()
     return DatasetSource("folder", str(folder), keys, [str(folder / key) for key in keys])
@@ -111,20 +111,20 @@ def _list_source(list_file: Path) -> DatasetSource:
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise InvalidInputError(f"{list_file} is not a UTF-8 text file listing image paths (one per line)") from None
+        raise InputError(f"{list_file} is not a UTF-8 text file listing image paths (one per line)") from None
     keys, paths, seen = [], [], {}
     for number, line in enumerate(lines, start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         if entry in seen:
-            raise InvalidInputError(f"{list_file} line {number}: {entry!r} is listed twice (first on line {seen[entry]}); "
+            raise InputError(f"{list_file} line {number}: {entry!r} is listed twice (first on line {seen[entry]}); "
                              "every input needs a unique key")
         seen[entry] = number
         keys.append(entry)
         paths.append(entry if os.path.isabs(entry) else str(list_file.parent / entry))
     if not keys:
-        raise InvalidInputError(f"{list_file} lists no image paths (one path per line)")
+        raise InputError(f"{list_file} lists no image paths (one path per line)")
     return DatasetSource("list", str(list_file), keys, paths)
 
 
@@ -134,10 +134,10 @@ def _is_hf_dataset(source: Any) -> bool:
 
 def _hf_source(dataset: Any, image_column: str) -> DatasetSource:
     if image_column not in dataset.column_names:
-        raise InvalidInputError(f"the dataset has no column {image_column!r} (columns: {dataset.column_names}); pass "
+        raise InputError(f"the dataset has no column {image_column!r} (columns: {dataset.column_names}); pass "
                          "image_column=")
     if len(dataset) == 0:
-        raise InvalidInputError("the dataset has no rows")
+        raise InputError("the dataset has no rows")
     keys = [str(index) for index in range(len(dataset))]
     return DatasetSource("hf_dataset", repr(dataset), keys, dataset, image_column=image_column,
                          fingerprint=getattr(dataset, "_fingerprint", None))

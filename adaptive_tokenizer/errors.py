@@ -10,11 +10,11 @@ class AdaptiveTokenizerError(Exception):
     """Base of the library's errors for bad input."""
 
 
-class InvalidInputError(AdaptiveTokenizerError, ValueError):
+class InputError(AdaptiveTokenizerError, ValueError):
     """A value the library cannot accept: out of range, malformed, inconsistent with the model."""
 
 
-class InvalidInputTypeError(AdaptiveTokenizerError, TypeError):
+class InputTypeError(AdaptiveTokenizerError, TypeError):
     """An input of a type the library does not take."""
 
 

@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .config import PREDICTOR_FEATURES, LengthPredictorConfig
 from .image_io import open_image, pil_to_tensor
 from .io_utils import write_atomic
@@ -195,7 +195,7 @@ def image_folds(names: Sequence[str], folds: int) -> Tensor:
     near-equal size and fold 0 holds the names that :func:`held_out_images` holds out at ``val_fraction = 1 / folds``.
     """
     if not 2 <= folds <= len(names):
-        raise InvalidInputError(f"cross-validation needs 2 <= folds <= the number of images ({len(names)}), got {folds}")
+        raise InputError(f"cross-validation needs 2 <= folds <= the number of images ({len(names)}), got {folds}")
     fold = torch.empty(len(names), dtype=torch.long)
     fold[torch.tensor(by_hash(names))] = torch.arange(len(names)) * folds // len(names)
     return fold
@@ -238,7 +238,7 @@ def select_head(model: ALITModel, data: Measurements, names: Sequence[str], *, v
     val = is_val & centre_views(data)  # the held-out images as the library sees them (centre crops)
     train = ~is_val
     if not val.any() or not train.any():
-        raise InvalidInputError(f"need images on both sides of the split: {int(train.sum())} training views, "
+        raise InputError(f"need images on both sides of the split: {int(train.sum())} training views, "
                          f"{int(val.sum())} held-out images; give more images or another val_fraction")
     thresholds = target_thresholds(data.errors[val])
     rows, best = [], None
@@ -320,7 +320,7 @@ def fit_length_predictor(tok, paths: Sequence[str | Path], out_dir: str | Path, 
         stored = load_file(cache)
         data = Measurements(stored["features"], stored["errors"], stored["image"], [str(p) for p in paths])
         if int(data.image.max()) + 1 != len(paths):
-            raise InvalidInputError(f"{cache} holds measurements of {int(data.image.max()) + 1} images, not the "
+            raise InputError(f"{cache} holds measurements of {int(data.image.max()) + 1} images, not the "
                              f"{len(paths)} given; delete it or pass the same images")
     else:
         data = measure(tok.model, paths, crops=crops, seed=seed,

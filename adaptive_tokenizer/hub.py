@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdaptiveTokenizerError, InvalidInputError
+from .errors import AdaptiveTokenizerError, InputError
 from .config import LatentKind, ModelConfig, RolloutKind
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class ModelNotFoundError(FileNotFoundError, AdaptiveTokenizerError):
     not cached while offline. The message names the model and says what to do."""
 
 
-class ChecksumError(InvalidInputError):
+class ChecksumError(InputError):
     """A model file's size or sha256 differs from the weights manifest; nothing was loaded."""
 
 
@@ -146,7 +146,7 @@ class ManifestEntry:
                   "tokens": (config.tokens_per_iteration, config.max_tokens, config.tokens_per_iteration)}
         wrong = [f"{key} {expected[key]} != config {actual[key]}" for key in expected if expected[key] != actual[key]]
         if wrong:
-            raise InvalidInputError(f"manifest entry {self.name!r} does not match its config.json: " + "; ".join(wrong))
+            raise InputError(f"manifest entry {self.name!r} does not match its config.json: " + "; ".join(wrong))
 
 
 @dataclass(frozen=True)
@@ -170,15 +170,15 @@ def load_manifest(path: str | os.PathLike = MANIFEST_PATH) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{path} is not a weights manifest (not UTF-8 JSON: {err})") from None
+        raise InputError(f"{path} is not a weights manifest (not UTF-8 JSON: {err})") from None
     _fields(data, str(path), {"format_version": int, "default": (str, type(None)), "models": dict})
     if data["format_version"] != MANIFEST_FORMAT_VERSION:
-        raise InvalidInputError(f"{path}: format_version {data['format_version']} is not supported (this library reads "
+        raise InputError(f"{path}: format_version {data['format_version']} is not supported (this library reads "
                          f"{MANIFEST_FORMAT_VERSION}); upgrade adaptive-tokenizer")
     models = {name: _parse_entry(name, value, path) for name, value in data["models"].items()}
     default = data["default"]
     if default is not None and (default not in models or models[default].embedded is None):
-        raise InvalidInputError(f"{path}: default {default!r} must name an embedded model of the manifest")
+        raise InputError(f"{path}: default {default!r} must name an embedded model of the manifest")
     return Manifest(path, default, models)
 
 
@@ -196,17 +196,17 @@ def _as_manifest(manifest: str | os.PathLike | Manifest | None) -> Manifest:
 def _parse_entry(name: str, value: Any, path: Path) -> ManifestEntry:
     where = f"{path}: models.{name}"
     if not _NAME.fullmatch(name):
-        raise InvalidInputError(f"{where}: a model name is lower-case letters, digits, '.', '_' and '-' (no '/')")
+        raise InputError(f"{where}: a model name is lower-case letters, digits, '.', '_' and '-' (no '/')")
     entry = _fields(value, where, {"description": str, "image_size": int, "tokens": dict, "latent_kind": str,
                                    "rollout_kind": str, "location": dict, "files": dict, "license": str,
                                    "provenance": dict})
     tokens = _fields(entry["tokens"], f"{where}.tokens", {"min": int, "max": int, "step": int})
     if not 0 < tokens["step"] <= tokens["min"] <= tokens["max"] or tokens["min"] % tokens["step"] \
             or tokens["max"] % tokens["step"]:
-        raise InvalidInputError(f"{where}.tokens: need 0 < step <= min <= max, min and max multiples of step; got {tokens}")
+        raise InputError(f"{where}.tokens: need 0 < step <= min <= max, min and max multiples of step; got {tokens}")
     for key, kinds in (("latent_kind", LatentKind), ("rollout_kind", RolloutKind)):
         if entry[key] not in typing.get_args(kinds):
-            raise InvalidInputError(f"{where}.{key} must be one of {list(typing.get_args(kinds))}, got {entry[key]!r}")
+            raise InputError(f"{where}.{key} must be one of {list(typing.get_args(kinds))}, got {entry[key]!r}")
     provenance = _fields(entry["provenance"], f"{where}.provenance", {"training_data": str, "recipe": str})
     embedded, repo_id, revision = _parse_location(entry["location"], f"{where}.location", path.parent)
     return ManifestEntry(
@@ -222,14 +222,14 @@ def _parse_location(value: Any, where: str, root: Path) -> tuple[Path | None, st
     if isinstance(value, dict) and "embedded" in value:
         relative = _fields(value, where, {"embedded": str})["embedded"]
         if Path(relative).is_absolute() or ".." in Path(relative).parts:
-            raise InvalidInputError(f"{where}.embedded must be a path inside the package, relative to the manifest, "
+            raise InputError(f"{where}.embedded must be a path inside the package, relative to the manifest, "
                              f"got {relative!r}")
         return root / relative, None, None
     location = _fields(value, where, {"repo_id": str, "revision": str})
     if not _REPO_ID.fullmatch(location["repo_id"]):
-        raise InvalidInputError(f"{where}.repo_id must look like org/name, got {location['repo_id']!r}")
+        raise InputError(f"{where}.repo_id must look like org/name, got {location['repo_id']!r}")
     if not _COMMIT.fullmatch(location["revision"]):
-        raise InvalidInputError(f"{where}.revision must be a pinned commit (40 lower-case hex digits), got "
+        raise InputError(f"{where}.revision must be a pinned commit (40 lower-case hex digits), got "
                          f"{location['revision']!r}")
     return None, location["repo_id"], location["revision"]
 
@@ -237,14 +237,14 @@ def _parse_location(value: Any, where: str, root: Path) -> tuple[Path | None, st
 def _parse_files(value: dict[str, Any], where: str) -> dict[str, FileEntry]:
     missing = [name for name in MODEL_FILES if name not in value]
     if missing:
-        raise InvalidInputError(f"{where}: missing {missing}; every model lists {list(MODEL_FILES)}")
+        raise InputError(f"{where}: missing {missing}; every model lists {list(MODEL_FILES)}")
     files = {}
     for name, item in value.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise InvalidInputError(f"{where}: file name {name!r} must be relative, inside the model folder")
+            raise InputError(f"{where}: file name {name!r} must be relative, inside the model folder")
         item = _fields(item, f"{where}.{name}", {"size": int, "sha256": str})
         if not _SHA256.fullmatch(item["sha256"]) or item["size"] < 0:
-            raise InvalidInputError(f"{where}.{name}: need a size >= 0 and a sha256 of 64 lower-case hex digits, got {item}")
+            raise InputError(f"{where}.{name}: need a size >= 0 and a sha256 of 64 lower-case hex digits, got {item}")
         files[name] = FileEntry(item["size"], item["sha256"])
     return files
 
@@ -253,7 +253,7 @@ def _fields(value: Any, where: str, schema: dict[str, type | tuple[type, ...]]) 
     """``value`` if it is a JSON object with exactly the keys of ``schema``, each of its type; else ValueError naming
     the missing, unknown and mistyped fields."""
     if not isinstance(value, dict):
-        raise InvalidInputError(f"{where} must be a JSON object, got {type(value).__name__}")
+        raise InputError(f"{where} must be a JSON object, got {type(value).__name__}")
     problems = []
     if missing := sorted(set(schema) - set(value)):
         problems.append(f"missing fields {missing}")
@@ -263,7 +263,7 @@ def _fields(value: Any, where: str, schema: dict[str, type | tuple[type, ...]]) 
         if key in value and (not isinstance(value[key], kind) or isinstance(value[key], bool)):
             problems.append(f"{key!r} has the wrong type ({type(value[key]).__name__})")
     if problems:
-        raise InvalidInputError(f"{where}: " + "; ".join(problems))
+        raise InputError(f"{where}: " + "; ".join(problems))
     return value
 
 
@@ -324,14 +324,14 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, revision: str | No
         return _resolve_entry(manifest.models[text], **hub_args)
     if match := _REPO_SPEC.fullmatch(text):
         if match["revision"] and revision and match["revision"] != revision:
-            raise InvalidInputError(f"{text!r} names revision {match['revision']!r} but revision={revision!r} was passed")
+            raise InputError(f"{text!r} names revision {match['revision']!r} but revision={revision!r} was passed")
         return _resolve_repo(text, match["repo_id"], match["revision"] or revision or "main", **hub_args)
     return ResolvedModel(_local_dir(text, manifest))
 
 
 def _no_revision(revision: str | None, why: str) -> None:
     if revision is not None:
-        raise InvalidInputError(f"revision={revision!r} applies to Hub repo ids only; {why}")
+        raise InputError(f"revision={revision!r} applies to Hub repo ids only; {why}")
 
 
 def _local_dir(text: str, manifest: Manifest) -> Path:
@@ -450,7 +450,7 @@ def push_folder(directory: str | os.PathLike, repo_id: str, *, token: str | None
     from huggingface_hub import HfApi
 
     if not _REPO_ID.fullmatch(repo_id):
-        raise InvalidInputError(f"repo id must look like org/name, got {repo_id!r}")
+        raise InputError(f"repo id must look like org/name, got {repo_id!r}")
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_library_version())
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from .errors import InvalidInputError, InvalidInputTypeError
+from .errors import InputError, InputTypeError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -46,13 +46,13 @@ _PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFErro
 def check_image_size(width: int, height: int, what: str = "image") -> None:
     """Refuse empty images, more than ``MAX_IMAGE_PIXELS`` pixels or an aspect ratio above ``MAX_ASPECT_RATIO``."""
     if width < 1 or height < 1:
-        raise InvalidInputError(f"{what} is {width}x{height} pixels: empty")
+        raise InputError(f"{what} is {width}x{height} pixels: empty")
     if width * height > MAX_IMAGE_PIXELS:
-        raise InvalidInputError(f"{what} is {width}x{height} = {width * height:,} pixels, above the limit of "
+        raise InputError(f"{what} is {width}x{height} = {width * height:,} pixels, above the limit of "
                          f"{MAX_IMAGE_PIXELS:,} (downscale it first, or raise adaptive_tokenizer.image_io."
                          f"MAX_IMAGE_PIXELS)")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise InvalidInputError(f"{what} is {width}x{height} pixels, an aspect ratio above the limit of "
+        raise InputError(f"{what} is {width}x{height} pixels, an aspect ratio above the limit of "
                          f"{MAX_ASPECT_RATIO}:1 (the centre crop would keep too little of it; crop it first, or "
                          f"raise adaptive_tokenizer.image_io.MAX_ASPECT_RATIO)")
 
@@ -66,18 +66,18 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as err:
-        raise InvalidInputError(f"{path} is too large to load ({err}); the limit is {MAX_IMAGE_PIXELS:,} pixels (downscale "
+        raise InputError(f"{path} is too large to load ({err}); the limit is {MAX_IMAGE_PIXELS:,} pixels (downscale "
                          "it first, or raise adaptive_tokenizer.image_io.MAX_IMAGE_PIXELS and, for Pillow's own "
                          "check, PIL.Image.MAX_IMAGE_PIXELS)") from None
     except _PIL_ERRORS as err:
-        raise InvalidInputError(f"cannot read {path} as an image: {err}") from None
+        raise InputError(f"cannot read {path} as an image: {err}") from None
     with image:
         check_image_size(*image.size, what=str(path))
         try:
             image.load()
             return ImageOps.exif_transpose(image)
         except _PIL_ERRORS as err:
-            raise InvalidInputError(f"cannot read {path} as an image: {err}") from None
+            raise InputError(f"cannot read {path} as an image: {err}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -92,9 +92,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return (image.convert("RGBA") if image.mode == "P" else image).convert("RGB")
         values = np.asarray(image, dtype=np.float64)
     except _PIL_ERRORS as err:
-        raise InvalidInputError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from None
+        raise InputError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from None
     if not np.isfinite(values).all():
-        raise InvalidInputError(f"a PIL image of mode {image.mode!r} holds NaN or infinite values")
+        raise InputError(f"a PIL image of mode {image.mode!r} holds NaN or infinite values")
     if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
         values = values / 257.0
     elif image.mode == "F" and values.max(initial=0) <= 1.0:
@@ -156,31 +156,31 @@ def tensor_to_model_size(pixels: Tensor, size: int) -> Tensor:
 
 def _tensor_input(value: Tensor) -> Tensor:
     if value.dtype != torch.uint8 and not value.is_floating_point():
-        raise InvalidInputError(f"image tensors must be float in [0, 1] or uint8, got dtype {value.dtype}")
+        raise InputError(f"image tensors must be float in [0, 1] or uint8, got dtype {value.dtype}")
     if value.dim() == 3:
         value = value[None]
     if value.dim() != 4 or value.shape[1] not in (1, 3) or value.shape[-1] == 0 or value.shape[-2] == 0:
-        raise InvalidInputError(f"image tensors must be 3xHxW or Nx3xHxW (channels first), got shape {tuple(value.shape)}")
+        raise InputError(f"image tensors must be 3xHxW or Nx3xHxW (channels first), got shape {tuple(value.shape)}")
     if value.shape[0] == 0:
-        raise InvalidInputError(f"image tensor batch of shape {tuple(value.shape)} holds no images")
+        raise InputError(f"image tensor batch of shape {tuple(value.shape)} holds no images")
     check_image_size(value.shape[-1], value.shape[-2], what=f"image tensor of shape {tuple(value.shape)}")
     if value.dtype == torch.uint8:
         value = value.to(torch.float32) / 255
     value = value.detach().to("cpu", torch.float32)
     if value.numel() and (torch.isnan(value).any() or value.min() < 0 or value.max() > 1):
-        raise InvalidInputError(f"float image tensors must hold values in [0, 1], got range "
+        raise InputError(f"float image tensors must hold values in [0, 1], got range "
                          f"[{value.min().item():.4g}, {value.max().item():.4g}] (divide uint8 data by 255)")
     return value.expand(-1, 3, -1, -1) if value.shape[1] == 1 else value
 
 
 def _array_input(value: np.ndarray) -> Image.Image:
     if value.dtype != np.uint8:
-        raise InvalidInputError(f"numpy images must be uint8 HxWxC or HxW arrays, got dtype {value.dtype} "
+        raise InputError(f"numpy images must be uint8 HxWxC or HxW arrays, got dtype {value.dtype} "
                          "(pass float data as a torch tensor in [0, 1])")
     if value.ndim == 3 and value.shape[2] == 1:
         value = value[..., 0]
     if not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))) or 0 in value.shape:
-        raise InvalidInputError(f"numpy images must be HxW, HxWx1, HxWx3 or HxWx4 uint8 arrays, got shape {value.shape}")
+        raise InputError(f"numpy images must be HxW, HxWx1, HxWx3 or HxWx4 uint8 arrays, got shape {value.shape}")
     check_image_size(value.shape[1], value.shape[0], what=f"numpy image of shape {value.shape}")
     return Image.fromarray(np.ascontiguousarray(value))
 
@@ -189,7 +189,7 @@ def load_images(images: ImageInput | Sequence[ImageInput], size: int) -> Tensor:
     """Any accepted input (see ``ACCEPTED``) -> ``[N, 3, size, size]`` float32 in [0, 1] on the CPU."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
-        raise InvalidInputError(f"no images given; accepted: {ACCEPTED}")
+        raise InputError(f"no images given; accepted: {ACCEPTED}")
     batches = []
     for item in items:
         if isinstance(item, (str, os.PathLike)):
@@ -201,7 +201,7 @@ def load_images(images: ImageInput | Sequence[ImageInput], size: int) -> Tensor:
         elif isinstance(item, Tensor):
             batches.append(tensor_to_model_size(_tensor_input(item), size))
         else:
-            raise InvalidInputTypeError(f"unsupported image input of type {type(item).__name__}; accepted: {ACCEPTED}")
+            raise InputTypeError(f"unsupported image input of type {type(item).__name__}; accepted: {ACCEPTED}")
     return torch.cat(batches)
 
 
@@ -218,7 +218,8 @@ def _chunks(images: ImageInput | Iterable[ImageInput], batch_size: int) -> Itera
         try:
             items = iter(images)  # type: ignore[arg-type]
         except TypeError:
-            raise InvalidInputTypeError(f"unsupported image input of type {type(images).__name__}; accepted: {ACCEPTED}") from None
+            raise InputTypeError(f"unsupported image input of type {type(images).__name__}; "
+                                 f"accepted: {ACCEPTED}") from None
     chunk: list[ImageInput] = []
     count = 0
     for item in items:
@@ -246,7 +247,7 @@ def iter_image_batches(images: ImageInput | Iterable[ImageInput], size: int, bat
     list, a generator, any iterable, or one input) while a background thread decodes the next batch. Memory holds
     two batches of images, whatever the number of inputs; ValueError when there is no image at all."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     with ThreadPoolExecutor(1, thread_name_prefix="image-decode") as pool:
         pending: Future | None = None
         for chunk in _chunks(images, batch_size):  # the user's iterable is read on this thread only
@@ -255,7 +256,7 @@ def iter_image_batches(images: ImageInput | Iterable[ImageInput], size: int, bat
                 yield pending.result()
             pending = upcoming
         if pending is None:
-            raise InvalidInputError(f"no images given; accepted: {ACCEPTED}")
+            raise InputError(f"no images given; accepted: {ACCEPTED}")
         yield pending.result()
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
-from .errors import InvalidInputError
+from .errors import InputError
 
 if TYPE_CHECKING:  # png_bytes only calls the image's own save(); the config module imports this one
     from PIL import Image
@@ -54,7 +54,7 @@ def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
     parent directories created for it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"output {path} exists and is not a directory")
+        raise InputError(f"output {path} exists and is not a directory")
     with _new_parents(path):
         staging = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         staging.mkdir()
@@ -77,7 +77,7 @@ def refuse_inputs_as_outputs(outputs: Iterable[str | os.PathLike], inputs: Itera
     for output in map(Path, outputs):
         for source in inputs:
             if _same_path(output, source):
-                raise InvalidInputError(f"output {output} is also an input; choose another output path")
+                raise InputError(f"output {output} is also an input; choose another output path")
 
 
 def _same_path(a: Path, b: Path) -> bool:

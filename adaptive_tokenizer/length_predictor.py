@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .codebook import squared_distances
 from .config import LengthPredictorConfig, ModelConfig
 
@@ -82,7 +82,7 @@ class LengthPredictor(nn.Module):
         sizes = feature_sizes(config)
         expected = sum(sizes[name] for name in head.features)
         if head.num_inputs != expected:
-            raise InvalidInputError(f"LengthPredictorConfig.num_inputs is {head.num_inputs}, but the features "
+            raise InputError(f"LengthPredictorConfig.num_inputs is {head.num_inputs}, but the features "
                              f"{list(head.features)} of this model have {expected} values")
         self.groups, self.margin = head.features, float(head.margin)
         self.register_buffer("feature_mean", torch.zeros(expected))

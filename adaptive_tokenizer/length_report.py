@@ -3,9 +3,10 @@
 Used by ``evaluate`` (the ``length_rules`` section of ``report.json``) and by the bench's agreement checks. The
 rules are replayed on the table (the tests check that the replay equals ``encode``): ``exact`` and ``search`` on
 the measured errors, ``predicted`` on the length predictor's estimates (its lengths then judged on the measured
-errors), ``verified`` from the estimates' start on the measured errors. For a target ``E`` the measures are: mean tokens, mean L1, the share of images whose error at their
-length is ``<= E``, the smallest fixed budget that brings at least the same share of images to ``E`` (None when
-none does), and the Spearman correlation of the lengths with image complexity.
+errors), ``verified`` from the estimates' start on the measured errors. For a target ``E`` the measures are: mean
+tokens, mean L1, the share of images whose error at their length is ``<= E``, the smallest fixed budget that
+brings at least the same share of images to ``E`` (None when none does), and the Spearman correlation of the
+lengths with image complexity.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .length_predictor import feature_vector
 from .model import ALITModel
 from .rollout import RolloutOutput, RolloutRun, check_finite, pixel_errors, rollout
@@ -70,9 +70,9 @@ def resolve_length_rule(model: ALITModel, halt_threshold: float | None, length_r
         needs_predictor = DEFAULT_LENGTH_RULE in PREDICTOR_RULES
         return FALLBACK_LENGTH_RULE if needs_predictor and model.length_predictor is None else DEFAULT_LENGTH_RULE
     if length_rule not in LENGTH_RULES:
-        raise InvalidInputError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
+        raise InputError(f"length_rule must be one of {list(LENGTH_RULES)}, got {length_rule!r}")
     if halt_threshold is None:
-        raise InvalidInputError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
+        raise InputError(f"length_rule={length_rule!r} chooses lengths for a target error: give halt_threshold "
                          "too (without it every image gets max_tokens tokens)")
     if length_rule in PREDICTOR_RULES:
         require_predictor(model, f"length_rule={length_rule!r}")
@@ -130,7 +130,7 @@ def choose_length(model: ALITModel, pixels: Tensor, num_iterations: int, target_
         return verified_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
     if rule == "search":
         return search_rollout(model, pixels, num_iterations, target_error, halting_confidence=halting_confidence)
-    raise InvalidInputError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
+    raise InputError(f"length_rule must be one of {list(LENGTH_RULES)}, got {rule!r}")
 
 
 def first_iteration_features(model: ALITModel, run: RolloutRun, latents: Tensor,
@@ -145,7 +145,7 @@ def _predicted_errors(model: ALITModel, run: RolloutRun, latents: Tensor, num_it
     """The length predictor's error estimates ``[n, num_iterations]`` after the first iteration."""
     predicted = model.length_predictor(first_iteration_features(model, run, latents))[:, :num_iterations]
     if not torch.isfinite(predicted).all():
-        raise InvalidInputError("the length predictor produced non-finite (NaN or infinite) error estimates; its weights or "
+        raise InputError("the length predictor produced non-finite (NaN or infinite) error estimates; its weights or "
                          "the model's are broken (check the model files, or refit it with fit-length-predictor)")
     return predicted
 
@@ -400,7 +400,7 @@ def require_predictor(model: ALITModel, what: str) -> None:
     """The one check that ``what`` (a rule, a method) has the length predictor it needs: ValueError saying how to fit
     one otherwise."""
     if model.length_predictor is None:
-        raise InvalidInputError(f"{what} needs a model with a length predictor, and this model has none; fit one with "
+        raise InputError(f"{what} needs a model with a length predictor, and this model has none; fit one with "
                                 "`adaptive-tokenizer fit-length-predictor --model MODEL PHOTOS... -o OUT_DIR` (a few "
                                 "minutes on a CPU) and load OUT_DIR, or use length_rule='exact' or 'search' (they "
                                 "need none)")

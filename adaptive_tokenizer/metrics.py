@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .errors import InvalidInputError
+from .errors import InputError
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # Rec. 601
 GREYSCALE_TOLERANCE = 2 / 255  # an input is greyscale when no pixel's channels differ from their mean by more
@@ -59,10 +59,10 @@ def ssim_maps(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5
     float32 (Gaussian window ``w``, separable, "valid" filtering; differentiable). :func:`ssim` averages the first;
     multi-scale SSIM combines the second at coarser scales with the first at the coarsest."""
     if x.shape != y.shape or x.dim() != 4:
-        raise InvalidInputError(f"ssim needs two [N, C, H, W] tensors of the same shape, got {tuple(x.shape)} and "
+        raise InputError(f"ssim needs two [N, C, H, W] tensors of the same shape, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
     if min(x.shape[-2:]) < window_size:
-        raise InvalidInputError(f"ssim needs images of at least {window_size}x{window_size} pixels, got {tuple(x.shape)}")
+        raise InputError(f"ssim needs images of at least {window_size}x{window_size} pixels, got {tuple(x.shape)}")
     x, y = x.float(), y.float()
     channels = x.shape[1]
     groups = 5 * channels

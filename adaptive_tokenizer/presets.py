@@ -17,7 +17,7 @@ trained models are loaded by name with ``AdaptiveTokenizer.from_pretrained`` (``
 
 from __future__ import annotations
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .config import ModelConfig, VQGANConfig
 
 # The authors' presets: name -> (width, layers, heads), the same for encoder and decoder.
@@ -54,7 +54,7 @@ def list_presets() -> list[str]:
 def get_preset(name: str) -> ModelConfig:
     """The architecture named ``name``; ValueError listing the preset names for any other."""
     if name not in _PRESETS:
-        raise InvalidInputError(f"unknown preset {name!r}; choose from {list_presets()}")
+        raise InputError(f"unknown preset {name!r}; choose from {list_presets()}")
     return _PRESETS[name]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load
 
-from .errors import InvalidInputError, MissingExtraError
+from .errors import InputError, MissingExtraError
 from .config import ModelConfig
 from .dataset_source import DatasetSource
 from .model import ALITModel
@@ -154,16 +154,16 @@ def ray_dataset_source(dataset: Any, image_column: str = "image") -> DatasetSour
     columns = dataset.columns() or []
     key_column = next((c for c in ("key", "path") if c in columns), None)
     if key_column is None:
-        raise InvalidInputError(f"a ray.data.Dataset source needs a 'key' or 'path' column naming each row (columns: "
+        raise InputError(f"a ray.data.Dataset source needs a 'key' or 'path' column naming each row (columns: "
                          f"{columns}); read images with include_paths=True, or add a key column")
     pixels_column = image_column if image_column in columns else "path" if "path" in columns else None
     if pixels_column is None:
-        raise InvalidInputError(f"a ray.data.Dataset source needs an {image_column!r} or 'path' column (columns: {columns})")
+        raise InputError(f"a ray.data.Dataset source needs an {image_column!r} or 'path' column (columns: {columns})")
     keys = [str(k) for k in dataset.select_columns([key_column]).to_pandas()[key_column]]
     if len(set(keys)) != len(keys):
-        raise InvalidInputError(f"the {key_column!r} column of the ray.data.Dataset repeats values; keys must be unique")
+        raise InputError(f"the {key_column!r} column of the ray.data.Dataset repeats values; keys must be unique")
     if not keys:
-        raise InvalidInputError("the ray.data.Dataset has no rows")
+        raise InputError("the ray.data.Dataset has no rows")
     return DatasetSource("ray_dataset", f"ray.data.Dataset({', '.join(columns)})", sorted(keys), dataset,
                          image_column=pixels_column, key_column=key_column)
 

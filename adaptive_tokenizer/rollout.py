@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .model import ALITModel
 
 
@@ -141,7 +141,7 @@ class RolloutRun:
                  halting_confidence: float | None = None, need_code_ids: bool = False):
         config = model.config
         if not 1 <= num_iterations <= config.max_iterations:
-            raise InvalidInputError(f"num_iterations must be in [1, {config.max_iterations}], got {num_iterations}")
+            raise InputError(f"num_iterations must be in [1, {config.max_iterations}], got {num_iterations}")
         self.model, self.num_iterations, self.halting_confidence = model, num_iterations, halting_confidence
         self.pixels = pixels.to(model.encoder.norm_pre.weight.dtype)
         self.base_features = model.base.encode(self.pixels)
@@ -309,6 +309,6 @@ def rollout(model: ALITModel, pixels: Tensor, num_iterations: int, *, halting_co
 def check_finite(error: Tensor) -> Tensor:
     """``error`` itself; ValueError when the model produced a non-finite reconstruction (broken weights)."""
     if not torch.isfinite(error).all():
-        raise InvalidInputError("the model produced a non-finite (NaN or infinite) reconstruction error, so no length "
+        raise InputError("the model produced a non-finite (NaN or infinite) reconstruction error, so no length "
                          "can be chosen by halt_threshold; its weights are broken (check the model files)")
     return error

@@ -11,8 +11,8 @@ Token files (``adaptive-tokenizer encode``) are safetensors holding ``tokens`` (
 along dim 0: int64 ``[sum L]`` for quantized models, float32 ``[sum L, D]`` for continuous ones), ``num_tokens``
 (int64 ``[N]``) and, when a halt threshold was used, ``errors`` (float32 ``[N]``, the measured error of each chosen
 length; rules ``exact``, ``search`` and ``verified``) and/or ``predicted_errors`` (the length predictor's estimate;
-rules ``verified`` and ``predicted``). Their metadata holds ``format`` (:data:`TOKEN_FORMAT`), ``latent_kind`` and ``sources`` (a JSON
-list of the image paths). :func:`save_token_file`, :func:`load_token_file`.
+rules ``verified`` and ``predicted``). Their metadata holds ``format`` (:data:`TOKEN_FORMAT`), ``latent_kind`` and
+``sources`` (a JSON list of the image paths). :func:`save_token_file`, :func:`load_token_file`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InputError
 from .config import ModelConfig
 from .hub import CONFIG_NAME, WEIGHTS_NAME
 from .io_utils import write_atomic
@@ -63,7 +63,7 @@ def check_weights(config: ModelConfig, weights: dict[str, Tensor], source: str) 
                 f"wrong shapes {wrong}" if wrong else "", f"NaN or infinite values in {not_finite}" if not_finite else ""]
     problems = [p for p in problems if p]
     if problems:
-        raise InvalidInputError(f"{source} does not match its config: " + "; ".join(problems))
+        raise InputError(f"{source} does not match its config: " + "; ".join(problems))
 
 
 def load_model_files(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -77,7 +77,7 @@ def load_model_files(directory: str | os.PathLike) -> tuple[ModelConfig, dict[st
     try:
         weights = load_file(directory / WEIGHTS_NAME)
     except (SafetensorError, OSError) as err:
-        raise InvalidInputError(f"cannot read {directory / WEIGHTS_NAME} as safetensors: {err}") from None
+        raise InputError(f"cannot read {directory / WEIGHTS_NAME} as safetensors: {err}") from None
     check_weights(config, weights, str(directory / WEIGHTS_NAME))
     return config, {k: v.float() for k, v in weights.items()}
 
@@ -98,10 +98,10 @@ def save_token_file(path: str | os.PathLike, result: EncodeResult, sources: Sequ
     """Write ``result`` as a token file, atomically: the file appears complete or not at all."""
     dims = _TOKEN_DIMS.get(latent_kind)
     if dims is None or not len(result) or any(t.dim() != dims for t in result.tokens):
-        raise InvalidInputError(f"save_token_file needs at least one {latent_kind} token sequence of {dims} dims "
+        raise InputError(f"save_token_file needs at least one {latent_kind} token sequence of {dims} dims "
                          "(latent_kind is 'quantized' or 'continuous')")
     if len(sources) != len(result):
-        raise InvalidInputError(f"{len(sources)} sources for {len(result)} token sequences")
+        raise InputError(f"{len(sources)} sources for {len(result)} token sequences")
     dtype = torch.int64 if latent_kind == "quantized" else torch.float32
     tensors = {"tokens": torch.cat([t.to(dtype) for t in result.tokens]).contiguous(),
                "num_tokens": result.num_tokens.to(torch.int64).contiguous()}
@@ -123,9 +123,9 @@ def load_token_file(path: str | os.PathLike) -> tuple[list[Tensor], list[str]]:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise InvalidInputError(f"cannot read {path} as a safetensors token file: {err}") from None
+        raise InputError(f"cannot read {path} as a safetensors token file: {err}") from None
     if metadata.get("format") != TOKEN_FORMAT:
-        raise InvalidInputError(f"{path} is not a token file: metadata format is {metadata.get('format')!r}, "
+        raise InputError(f"{path} is not a token file: metadata format is {metadata.get('format')!r}, "
                          f"expected {TOKEN_FORMAT!r}")
     return _split_tokens(str(path), tensors, metadata)
 
@@ -134,31 +134,31 @@ def _split_tokens(where: str, tensors: dict[str, Tensor], metadata: dict[str, st
     """Check the token file's tensors against each other and its metadata; split ``tokens`` per image."""
     missing = sorted({"tokens", "num_tokens"} - set(tensors))
     if missing:
-        raise InvalidInputError(f"{where} lacks tensors {missing}")
+        raise InputError(f"{where} lacks tensors {missing}")
     tokens, num_tokens = tensors["tokens"], tensors["num_tokens"]
     if num_tokens.numel() == 0:
-        raise InvalidInputError(f"{where} holds no images")
+        raise InputError(f"{where} holds no images")
     kind = metadata.get("latent_kind")
     expected_dims = _TOKEN_DIMS.get(kind)  # type: ignore[arg-type]
     if expected_dims is None:
-        raise InvalidInputError(f"{where}: latent_kind metadata is {kind!r}, expected 'quantized' or 'continuous'")
+        raise InputError(f"{where}: latent_kind metadata is {kind!r}, expected 'quantized' or 'continuous'")
     if tokens.dim() != expected_dims:
-        raise InvalidInputError(f"{where}: {kind} tokens must have {expected_dims} dims, got shape {tuple(tokens.shape)}")
+        raise InputError(f"{where}: {kind} tokens must have {expected_dims} dims, got shape {tuple(tokens.shape)}")
     if num_tokens.dim() != 1 or num_tokens.dtype != torch.int64:
-        raise InvalidInputError(f"{where}: num_tokens must be a 1-D int64 tensor of lengths, got shape "
+        raise InputError(f"{where}: num_tokens must be a 1-D int64 tensor of lengths, got shape "
                          f"{tuple(num_tokens.shape)} dtype {num_tokens.dtype}")
     if (num_tokens < 0).any():
         first = int((num_tokens < 0).nonzero()[0])
-        raise InvalidInputError(f"{where}: num_tokens must be non-negative lengths, got {int(num_tokens[first])} for "
+        raise InputError(f"{where}: num_tokens must be non-negative lengths, got {int(num_tokens[first])} for "
                          f"image {first}")
     if int(num_tokens.sum()) != tokens.shape[0]:
-        raise InvalidInputError(f"{where}: num_tokens sums to {int(num_tokens.sum())} but tokens holds {tokens.shape[0]}")
+        raise InputError(f"{where}: num_tokens sums to {int(num_tokens.sum())} but tokens holds {tokens.shape[0]}")
     try:
         sources = json.loads(metadata.get("sources", ""))
     except json.JSONDecodeError:
         sources = None
     if not isinstance(sources, list) or len(sources) != len(num_tokens) or not all(isinstance(s, str) for s in sources):
-        raise InvalidInputError(f"{where}: sources metadata must be a JSON list of {len(num_tokens)} paths")
+        raise InputError(f"{where}: sources metadata must be a JSON list of {len(num_tokens)} paths")
     return list(torch.split(tokens, num_tokens.tolist())), sources
 
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from .errors import InvalidInputError
+from .errors import InputError
 
 
 def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -29,7 +29,7 @@ def pearson(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) ->
     """Pearson correlation; NaN when either vector is constant or shorter than 2."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise InvalidInputError(f"pearson needs two 1-D vectors of the same length, got shapes {a.shape} and {b.shape}")
+        raise InputError(f"pearson needs two 1-D vectors of the same length, got shapes {a.shape} and {b.shape}")
     if len(a) < 2:
         return float("nan")
     a, b = a - a.mean(), b - b.mean()

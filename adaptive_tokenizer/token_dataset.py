@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import InvalidInputError, MissingExtraError
+from .errors import InputError, MissingExtraError
 from .config import ModelConfig
 from .token_shards import ERRORS_NAME, INDEX_NAME, read_index, shard_info, shard_name
 from .tokenizer import EncodeResult
@@ -31,7 +31,8 @@ try:
     import pyarrow as pa
     import pyarrow.parquet as pq
 except ImportError:  # pragma: no cover - exercised only without the extra
-    raise MissingExtraError("reading tokenized datasets needs pyarrow: pip install 'adaptive-tokenizer[datasets]'") from None
+    raise MissingExtraError("reading tokenized datasets needs pyarrow: "
+                            "pip install 'adaptive-tokenizer[datasets]'") from None
 
 
 class TokenDataset(Dataset):
@@ -49,7 +50,7 @@ class TokenDataset(Dataset):
             raise FileNotFoundError(f"{self.directory} has no {INDEX_NAME}: not the output of adaptive-tokenizer "
                                     "tokenize")
         if not index.get("complete") and not allow_incomplete:
-            raise InvalidInputError(f"the tokenize job in {self.directory} has not finished; rerun the same command to "
+            raise InputError(f"the tokenize job in {self.directory} has not finished; rerun the same command to "
                              "complete it (or pass allow_incomplete=True to read the finished shards)")
         self.settings: dict[str, Any] = index["settings"]
         self.config = ModelConfig.from_dict(self.settings["model"]["config"])  # the tokenizer's (codebook_size, ...)
@@ -133,7 +134,7 @@ def read_tokenized(path: str | os.PathLike) -> tuple[list[Tensor], list[str], di
         quantized = ModelConfig.from_dict(settings["model"]["config"]).quantized
         samples = [row_sample(table, row, quantized) for row in range(table.num_rows)]
     if not samples:
-        raise InvalidInputError(f"{path} holds no tokenized rows")
+        raise InputError(f"{path} holds no tokenized rows")
     return [sample["tokens"] for sample in samples], [sample["key"] for sample in samples], settings
 
 
@@ -148,11 +149,11 @@ def collate_tokens(samples: Sequence[dict[str, Any]], *, pad_id: int | float = 0
     begin/end ids do not apply to them.
     """
     if not samples:
-        raise InvalidInputError("collate_tokens got an empty batch")
+        raise InputError("collate_tokens got an empty batch")
     sequences = [sample["tokens"] for sample in samples]
     if sequences[0].is_floating_point():
         if offset or begin_id is not None or end_id is not None:
-            raise InvalidInputError("offset, begin_id and end_id apply to token ids; these tokens are continuous vectors")
+            raise InputError("offset, begin_id and end_id apply to token ids; these tokens are continuous vectors")
         name = "inputs"
     else:
         name = "input_ids"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .errors import InvalidInputError, MissingExtraError
+from .errors import InputError, MissingExtraError
 from .io_utils import write_atomic
 
 try:
@@ -115,9 +115,9 @@ def shard_info(path: Path) -> dict[str, Any]:
         metadata = pq.read_schema(path).metadata or {}
         info = json.loads(metadata[METADATA_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowException) as err:
-        raise InvalidInputError(f"{path} is not a shard written by adaptive-tokenizer tokenize ({err})") from None
+        raise InputError(f"{path} is not a shard written by adaptive-tokenizer tokenize ({err})") from None
     if info.get("format") != FORMAT:
-        raise InvalidInputError(f"{path}: shard format {info.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{path}: shard format {info.get('format')!r}, expected {FORMAT!r}")
     return info
 
 
@@ -145,9 +145,9 @@ def read_index(directory: Path) -> dict[str, Any] | None:
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise InvalidInputError(f"cannot read {path}: {err}") from None
+        raise InputError(f"cannot read {path}: {err}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise InvalidInputError(f"{path} is not the index of a tokenized dataset (format {FORMAT!r})")
+        raise InputError(f"{path} is not the index of a tokenized dataset (format {FORMAT!r})")
     return index
 
 
@@ -167,7 +167,7 @@ def check_same_job(directory: Path, settings: dict[str, Any], shards: dict[int, 
         recorded = normalized_settings(shard_info(path)["settings"])
         if recorded != settings:
             differences = sorted(_differences(recorded, settings))
-            raise InvalidInputError(
+            raise InputError(
                 f"{directory} already holds shards tokenized with other settings ({'; '.join(differences)}); "
                 f"use another output folder, or delete {directory} to start over")
 

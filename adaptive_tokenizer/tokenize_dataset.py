@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .errors import InvalidInputError, InvalidInputTypeError
+from .errors import InputError, InputTypeError
 from .dataset_source import DatasetSource, open_source
 from .image_io import ImageInput, load_images
 from .length_rules import resolve_length_rule
@@ -88,8 +88,8 @@ def encode_settings(tok: AdaptiveTokenizer, encode_kwargs: Mapping[str, Any] | N
     parameters = inspect.signature(tok.encode).parameters
     unknown = sorted(set(kwargs) - set(parameters) | ({"images"} & set(kwargs)))
     if unknown:
-        raise InvalidInputTypeError(f"unknown encode options {unknown}; AdaptiveTokenizer.encode takes "
-                        f"{[p for p in parameters if p != 'images']}")
+        raise InputTypeError(f"unknown encode options {unknown}; AdaptiveTokenizer.encode takes "
+                             f"{[p for p in parameters if p != 'images']}")
     if "halt_threshold" in kwargs:
         kwargs["length_rule"] = resolve_length_rule(tok.model, kwargs["halt_threshold"], kwargs.get("length_rule"))
     return dict(sorted(kwargs.items()))
@@ -192,16 +192,16 @@ def tokenize_dataset(source: Any, output_dir: str | os.PathLike, *, model: Any =
     ``workers`` or ``batch_size``.
     """
     if engine not in ENGINES:
-        raise InvalidInputError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("workers", workers or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
     if cpus_per_worker <= 0 or gpus_per_worker < 0:
-        raise InvalidInputError(f"cpus_per_worker must be > 0 and gpus_per_worker >= 0, got {cpus_per_worker}, "
+        raise InputError(f"cpus_per_worker must be > 0 and gpus_per_worker >= 0, got {cpus_per_worker}, "
                          f"{gpus_per_worker}")
     if _is_ray_dataset(source):
         if engine != "ray":
-            raise InvalidInputError("a ray.data.Dataset source needs engine='ray'")
+            raise InputError("a ray.data.Dataset source needs engine='ray'")
         from .ray_tokenize import ray_dataset_source
 
         source = ray_dataset_source(source, image_column)
@@ -253,11 +253,11 @@ def _prepare(directory: Path, settings: dict[str, Any], about: dict[str, str], p
     remove_stale_temporaries(directory)
     shards = finished_shards(directory)
     if shards and read_index(directory) is None:
-        raise InvalidInputError(f"{directory} holds shard files but no index.json; it is not a tokenize output folder")
+        raise InputError(f"{directory} holds shard files but no index.json; it is not a tokenize output folder")
     check_same_job(directory, settings, shards)
     extra = [k for k in shards if k >= plan.num_shards]
     if extra:
-        raise InvalidInputError(f"{directory} holds shards {extra} beyond this job's {plan.num_shards}")
+        raise InputError(f"{directory} holds shards {extra} beyond this job's {plan.num_shards}")
     write_index(directory, {"format": FORMAT, "settings": settings, **about, "num_shards": plan.num_shards,
                             "complete": False})
     return shards

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError, InvalidInputTypeError
+from .errors import InputError, InputTypeError
 from .hub import CARD_NAME, Manifest, ModelInfo, push_folder, render_model_card, resolve
 from .image_io import ImageInput, iter_image_batches
 from .io_utils import release_free_heap, write_atomic
@@ -57,7 +57,7 @@ class EncodeResult:
     def concat(cls, parts: Sequence[EncodeResult]) -> EncodeResult:
         """One result from the results of consecutive batches (:meth:`AdaptiveTokenizer.encode_iter`)."""
         if not parts:
-            raise InvalidInputError("EncodeResult.concat needs at least one result")
+            raise InputError("EncodeResult.concat needs at least one result")
         first = parts[0]
         return cls(tokens=[t for part in parts for t in part.tokens],
                    num_tokens=torch.cat([part.num_tokens for part in parts]),
@@ -335,10 +335,10 @@ class AdaptiveTokenizer:
         if requested is None:
             return self.config.max_iterations
         if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)):
-            raise InvalidInputError(f"max_tokens/budget must be an int, got {requested!r}")
+            raise InputError(f"max_tokens/budget must be an int, got {requested!r}")
         per = self.tokens_per_iteration
         if not per <= requested <= self.max_tokens:
-            raise InvalidInputError(f"max_tokens/budget must be between {per} and {self.max_tokens} tokens (a value between "
+            raise InputError(f"max_tokens/budget must be between {per} and {self.max_tokens} tokens (a value between "
                              f"multiples of {per} is rounded down to one), got {requested}")
         return int(requested) // per
 
@@ -355,15 +355,15 @@ class AdaptiveTokenizer:
             elif tokens.dim() == single_dims + 1:
                 sequences = list(tokens)
             else:
-                raise InvalidInputError(f"token tensor must have {single_dims} or {single_dims + 1} dims "
+                raise InputError(f"token tensor must have {single_dims} or {single_dims + 1} dims "
                                  f"({self._token_form()}), got shape {tuple(tokens.shape)}")
         elif isinstance(tokens, (list, tuple)):
             sequences = [torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in tokens]
         else:
-            raise InvalidInputTypeError(f"decode accepts an EncodeResult, a list of tensors or a tensor, got "
-                            f"{type(tokens).__name__}")
+            raise InputTypeError(f"decode accepts an EncodeResult, a list of tensors or a tensor, got "
+                                 f"{type(tokens).__name__}")
         if not sequences:
-            raise InvalidInputError("decode got no token sequences")
+            raise InputError("decode got no token sequences")
         return [self._check_sequence(seq, index) for index, seq in enumerate(sequences)]
 
     def _token_form(self) -> str:
@@ -374,25 +374,25 @@ class AdaptiveTokenizer:
     def _check_sequence(self, seq: Tensor, index: int) -> Tensor:
         config, where = self.config, f"token sequence {index}"
         if not isinstance(seq, Tensor):
-            raise InvalidInputTypeError(f"{where} is a {type(seq).__name__}, expected a tensor ({self._token_form()})")
+            raise InputTypeError(f"{where} is a {type(seq).__name__}, expected a tensor ({self._token_form()})")
         if config.quantized:
             if seq.dim() != 1 or seq.dtype == torch.bool or seq.is_floating_point() or seq.is_complex():
-                raise InvalidInputError(f"{where}: expected a 1-D integer tensor ({self._token_form()}), got "
+                raise InputError(f"{where}: expected a 1-D integer tensor ({self._token_form()}), got "
                                  f"shape {tuple(seq.shape)} dtype {seq.dtype}")
             seq = seq.to(torch.long)  # before comparing: codebook_size may not fit a small dtype (uint8, int8)
             if len(seq) and (seq.min() < 0 or seq.max() >= config.codebook_size):
-                raise InvalidInputError(f"{where}: token ids must lie in [0, {config.codebook_size}), got range "
+                raise InputError(f"{where}: token ids must lie in [0, {config.codebook_size}), got range "
                                  f"[{int(seq.min())}, {int(seq.max())}]")
         else:
             if seq.dim() != 2 or not seq.is_floating_point() or seq.shape[1] != config.latent_dim:
-                raise InvalidInputError(f"{where}: expected a float tensor [L, {config.latent_dim}], got shape "
+                raise InputError(f"{where}: expected a float tensor [L, {config.latent_dim}], got shape "
                                  f"{tuple(seq.shape)} dtype {seq.dtype}")
             if not torch.isfinite(seq).all():
-                raise InvalidInputError(f"{where}: token vectors contain NaN or infinity")
+                raise InputError(f"{where}: token vectors contain NaN or infinity")
             seq = seq.to(torch.float32)
         per = config.tokens_per_iteration
         if len(seq) == 0 or len(seq) > config.max_tokens or len(seq) % per:
-            raise InvalidInputError(f"{where}: has {len(seq)} tokens; this model decodes {per} to {config.max_tokens} "
+            raise InputError(f"{where}: has {len(seq)} tokens; this model decodes {per} to {config.max_tokens} "
                              f"tokens in multiples of {per}")
         return seq.cpu()
 
@@ -402,13 +402,13 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device if device is not None else "cpu")
     except (RuntimeError, TypeError):
-        raise InvalidInputError(f"invalid device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+        raise InputError(f"invalid device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if resolved.type not in available or not available[resolved.type]:
-        raise InvalidInputError(f"device {device!r} is not available here (this machine has: "
+        raise InputError(f"device {device!r} is not available here (this machine has: "
                          f"{', '.join(k for k, v in available.items() if v)})")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise InvalidInputError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise InputError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices")
     return resolved
 
 
@@ -417,11 +417,11 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         return torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise InvalidInputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+            raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     allowed = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
     if dtype not in allowed:
-        raise InvalidInputError(f"dtype {dtype} is not supported on {device.type}; use one of {[str(d) for d in allowed]}")
+        raise InputError(f"dtype {dtype} is not supported on {device.type}; use one of {[str(d) for d in allowed]}")
     return dtype
 
 
@@ -429,7 +429,7 @@ def resolve_max_tokens(max_tokens: int | None, budget: int | None) -> int | None
     """``max_tokens`` and its alias ``budget`` as one value (None: neither given); ValueError when both are given
     with different values. The one place the alias is resolved (``encode``, ``tokenize``'s settings)."""
     if max_tokens is not None and budget is not None and max_tokens != budget:
-        raise InvalidInputError(f"budget is an alias of max_tokens; got both with different values ({budget} and "
+        raise InputError(f"budget is an alias of max_tokens; got both with different values ({budget} and "
                          f"{max_tokens})")
     return max_tokens if max_tokens is not None else budget
 
@@ -442,6 +442,6 @@ def check_halt_threshold(value: object) -> float:
             and not np.issubdtype(value.dtype, np.complexfloating):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise InvalidInputError(f"halt_threshold must be a non-negative number (a target mean absolute pixel error, pixels "
+        raise InputError(f"halt_threshold must be a non-negative number (a target mean absolute pixel error, pixels "
                          f"in [0, 1]), got {value!r}")
     return float(value)

@@ -44,16 +44,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError, MissingExtraError
+from .errors import InputError, MissingExtraError
 from .io_utils import write_atomic
 from .serialization import model_identity
-from .tokenizer import AdaptiveTokenizer, EncodeResult
+from .tokenizer import AdaptiveTokenizer, EncodeResult, resolve_max_tokens
 
 try:
     from transformers import AutoTokenizer, BatchFeature, LogitsProcessor
     from transformers.trainer_pt_utils import LengthGroupedSampler
 except ImportError:  # pragma: no cover - exercised only without the extra
-    raise MissingExtraError("adaptive_tokenizer.vlm needs transformers: pip install 'adaptive-tokenizer[vlm]'") from None
+    raise MissingExtraError("adaptive_tokenizer.vlm needs transformers: "
+                            "pip install 'adaptive-tokenizer[vlm]'") from None
 
 BOI, EOI, IMAGE_PLACEHOLDER = "<boi>", "<eoi>", "<image>"
 IMAGE_TOKEN = "<img_{}>"
@@ -73,20 +74,20 @@ class AdaptiveTokenizerProcessor:
     def __init__(self, image_tokenizer: AdaptiveTokenizer, tokenizer: Any, *,
                  encode_defaults: dict[str, Any] | None = None):
         if not image_tokenizer.config.quantized:
-            raise InvalidInputError("the processor needs an image tokenizer with quantized (discrete) tokens; this model's "
+            raise InputError("the processor needs an image tokenizer with quantized (discrete) tokens; this model's "
                              "latents are continuous")
         self.image_tokenizer, self.tokenizer = image_tokenizer, tokenizer
         self.encode_defaults = _check_encode_options(dict(encode_defaults or {}))
         self.num_image_codes = image_tokenizer.config.codebook_size
         ids = tokenizer.convert_tokens_to_ids([BOI, EOI, IMAGE_PLACEHOLDER, IMAGE_TOKEN.format(0)])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids or None in ids:
-            raise InvalidInputError(f"the text tokenizer has no image tokens ({BOI}, {EOI}, {IMAGE_PLACEHOLDER}, "
+            raise InputError(f"the text tokenizer has no image tokens ({BOI}, {EOI}, {IMAGE_PLACEHOLDER}, "
                              f"{IMAGE_TOKEN.format(0)}...): build the processor with "
                              "AdaptiveTokenizerProcessor.add_image_tokens(text_tokenizer, image_tokenizer)")
         self.boi_id, self.eoi_id, self.placeholder_id, self.image_id_offset = ids
         last = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN.format(self.num_image_codes - 1))
         if last != self.image_id_offset + self.num_image_codes - 1:
-            raise InvalidInputError(f"the text tokenizer's image tokens are not {self.num_image_codes} consecutive ids "
+            raise InputError(f"the text tokenizer's image tokens are not {self.num_image_codes} consecutive ids "
                              f"starting at {self.image_id_offset}: add them with add_image_tokens")
 
     # ---- building ------------------------------------------------------------------------------------------
@@ -96,10 +97,11 @@ class AdaptiveTokenizerProcessor:
         """Add ``<boi>``, ``<eoi>``, ``<image>`` and one token per codebook entry to ``text_tokenizer`` (in place;
         they get consecutive ids at the end of its vocabulary) and return the processor. Then resize the model's
         embeddings: ``model.resize_token_embeddings(len(text_tokenizer))``."""
-        new = [BOI, EOI, IMAGE_PLACEHOLDER] + [IMAGE_TOKEN.format(c) for c in range(image_tokenizer.config.codebook_size)]
+        codes = range(image_tokenizer.config.codebook_size)
+        new = [BOI, EOI, IMAGE_PLACEHOLDER] + [IMAGE_TOKEN.format(c) for c in codes]
         present = [t for t in new if t in text_tokenizer.get_vocab()]
         if present:
-            raise InvalidInputError(f"the text tokenizer already has image tokens ({present[0]}, ...): load its processor "
+            raise InputError(f"the text tokenizer already has image tokens ({present[0]}, ...): load its processor "
                              "with AdaptiveTokenizerProcessor(image_tokenizer, text_tokenizer) instead")
         text_tokenizer.add_tokens(new, special_tokens=True)
         return cls(image_tokenizer, text_tokenizer, **kwargs)
@@ -113,7 +115,7 @@ class AdaptiveTokenizerProcessor:
         """Text-tokenizer ids of image tokens -> image code ids (ValueError for an id outside the image range)."""
         codes = ids.to(torch.long) - self.image_id_offset
         if len(codes) and (codes.min() < 0 or codes.max() >= self.num_image_codes):
-            raise InvalidInputError(f"ids outside the image range [{self.image_id_offset}, "
+            raise InputError(f"ids outside the image range [{self.image_id_offset}, "
                              f"{self.image_id_offset + self.num_image_codes})")
         return codes
 
@@ -135,7 +137,7 @@ class AdaptiveTokenizerProcessor:
         counts = [row.count(self.placeholder_id) for row in rows]
         if sum(counts) != len(codes):
             per_row = ", ".join(f"row {i}: {n}" for i, n in enumerate(counts))
-            raise InvalidInputError(f"the text has {sum(counts)} {IMAGE_PLACEHOLDER} placeholders ({per_row}) but "
+            raise InputError(f"the text has {sum(counts)} {IMAGE_PLACEHOLDER} placeholders ({per_row}) but "
                              f"{len(codes)} images were given: one image per placeholder, in order")
         spans = iter([self.boi_id, *self.image_ids_to_text_ids(c).tolist(), self.eoi_id] for c in codes)
         expanded = [[i for token in row for i in (next(spans) if token == self.placeholder_id else [token])]
@@ -149,7 +151,7 @@ class AdaptiveTokenizerProcessor:
                      halt_threshold: float | None, length_rule: str | None) -> list[Tensor]:
         """The image code ids of every image, in order (encoded, or checked when already tokens)."""
         if images is not None and image_tokens is not None:
-            raise InvalidInputError("give images or image_tokens, not both")
+            raise InputError("give images or image_tokens, not both")
         if image_tokens is not None:
             if isinstance(image_tokens, EncodeResult):
                 image_tokens = image_tokens.tokens
@@ -157,12 +159,9 @@ class AdaptiveTokenizerProcessor:
             return self.image_tokenizer.check_tokens(sequences) if sequences else []
         if images is None:
             return []
-        given = {"max_tokens": max_tokens if max_tokens is not None else budget, "halt_threshold": halt_threshold,
+        given = {"max_tokens": resolve_max_tokens(max_tokens, budget), "halt_threshold": halt_threshold,
                  "length_rule": length_rule}
         options = {**self.encode_defaults, **{k: v for k, v in given.items() if v is not None}}
-        if budget is not None and max_tokens is not None and budget != max_tokens:
-            raise InvalidInputError(f"budget is an alias of max_tokens; got both with different values ({budget} and "
-                             f"{max_tokens})")
         return list(self.image_tokenizer.encode(images, **options).tokens)
 
     # ---- ids -> text and images ---------------------------------------------------------------------------
@@ -183,7 +182,7 @@ class AdaptiveTokenizerProcessor:
         and, with ``incomplete="raise"`` (default), a span cut off without ``<eoi>``; ``incomplete="drop"``
         leaves out such a last span (a generation stopped early), so the complete spans before it decode."""
         if incomplete not in ("raise", "drop"):
-            raise InvalidInputError(f"incomplete must be 'raise' or 'drop', got {incomplete!r}")
+            raise InputError(f"incomplete must be 'raise' or 'drop', got {incomplete!r}")
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()
         config, spans, start = self.image_tokenizer.config, [], None
         low, high = self.image_id_offset, self.image_id_offset + self.num_image_codes
@@ -193,21 +192,21 @@ class AdaptiveTokenizerProcessor:
                 if token == self.boi_id:
                     start = position
                 elif token == self.eoi_id:
-                    raise InvalidInputError(f"{where}, position {position}: {EOI} without a {BOI} before it")
+                    raise InputError(f"{where}, position {position}: {EOI} without a {BOI} before it")
                 continue
             if token == self.eoi_id:
                 codes = torch.tensor(ids[start + 1 : position], dtype=torch.long) - low
                 per = config.tokens_per_iteration
                 if not len(codes) or len(codes) % per or len(codes) > config.max_tokens:
-                    raise InvalidInputError(f"{where}, position {start}: the image span has {len(codes)} image tokens; this "
+                    raise InputError(f"{where}, position {start}: the image span has {len(codes)} image tokens; this "
                                      f"image tokenizer decodes {per} to {config.max_tokens} in multiples of {per}")
                 spans.append((start, codes))
                 start = None
             elif not low <= token < high:
-                raise InvalidInputError(f"{where}, position {position}: id {token} inside the image span opened at "
+                raise InputError(f"{where}, position {position}: id {token} inside the image span opened at "
                                  f"position {start} is not an image token (image ids are [{low}, {high}))")
         if start is not None and incomplete == "raise":
-            raise InvalidInputError(f"{where}, position {start}: the image span has no {EOI} (cut off?); pass "
+            raise InputError(f"{where}, position {start}: the image span has no {EOI} (cut off?); pass "
                              "incomplete='drop' to decode only the complete spans")
         return spans
 
@@ -274,7 +273,7 @@ class AdaptiveTokenizerProcessor:
             image_tokenizer = AdaptiveTokenizer.from_pretrained(source, **image_tokenizer_kwargs)
         sha256 = model_identity(image_tokenizer.model)[0]["weights_sha256"]
         if sha256 != recorded["weights_sha256"]:
-            raise InvalidInputError(f"the image tokenizer's weights (sha256 {sha256[:12]}...) are not the ones this "
+            raise InputError(f"the image tokenizer's weights (sha256 {sha256[:12]}...) are not the ones this "
                              f"processor was saved with ({recorded['weights_sha256'][:12]}...): its image ids would "
                              "mean other pictures")
         return cls(image_tokenizer, AutoTokenizer.from_pretrained(directory),
@@ -288,7 +287,7 @@ def _is_list(value: Any) -> bool:
 def _check_encode_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(ENCODE_OPTIONS))
     if unknown:
-        raise InvalidInputError(f"unknown encode defaults {unknown}; the processor takes {list(ENCODE_OPTIONS)}")
+        raise InputError(f"unknown encode defaults {unknown}; the processor takes {list(ENCODE_OPTIONS)}")
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -348,16 +347,16 @@ def pack_rows(rows: Sequence[Tensor], capacity: int, *, pad_id: int = 0,
     from the previous sequence). Greedy first-fit by decreasing length, so sequences may move across rows to fill
     them; within a row they keep their input order. Returns the batch and the :class:`PackedLayout`."""
     if capacity < 1:
-        raise InvalidInputError(f"capacity must be a positive number of tokens, got {capacity}")
+        raise InputError(f"capacity must be a positive number of tokens, got {capacity}")
     lengths = [len(r) for r in rows]
     for index, (row, length) in enumerate(zip(rows, lengths)):
         if row.dim() != 1 or row.is_floating_point():
-            raise InvalidInputError(f"row {index}: expected a 1-D tensor of ids, got shape {tuple(row.shape)} {row.dtype}")
+            raise InputError(f"row {index}: expected a 1-D tensor of ids, got shape {tuple(row.shape)} {row.dtype}")
         if length > capacity:
-            raise InvalidInputError(f"row {index} has {length} tokens, more than capacity {capacity}: raise the capacity "
+            raise InputError(f"row {index} has {length} tokens, more than capacity {capacity}: raise the capacity "
                              "or cut the row")
         if length == 0:
-            raise InvalidInputError(f"row {index} is empty")
+            raise InputError(f"row {index} is empty")
     bins: list[list[int]] = []
     free: list[int] = []
     for index in sorted(range(len(rows)), key=lambda i: -lengths[i]):  # sorted() is stable: input order on ties

@@ -52,7 +52,8 @@ def main() -> None:
         print(f"{b:>6} {same[i]:>11.1%} {ids_same[i]:>8.1%} {float(fp32['l1'][:, i].mean()):>8.4f} "
               f"{float(bf16['l1'][:, i].mean()):>8.4f}")
     print(json.dumps({"photos": len(paths), "folder": args.folder, "budgets": budgets,
-                      "share_same_tokens": [round(v, 4) for v in same], "share_same_ids": [round(v, 4) for v in ids_same],
+                      "share_same_tokens": [round(v, 4) for v in same],
+                      "share_same_ids": [round(v, 4) for v in ids_same],
                       "l1_float32": [round(float(v), 5) for v in fp32["l1"].mean(0)],
                       "l1_bfloat16": [round(float(v), 5) for v in bf16["l1"].mean(0)],
                       "batch_invariant": invariant}))

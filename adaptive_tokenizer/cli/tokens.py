@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import InvalidInputError
+from ..errors import InputError
 from ..image_io import labelled_strip, load_images, to_pil
 from ..io_utils import png_bytes, refuse_inputs_as_outputs, staged_directory, write_atomic
 from ..length_rules import LENGTH_RULES
@@ -148,7 +148,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     try:
         sequences = tok.check_tokens(sequences)  # every sequence, before any image is written
     except (ValueError, TypeError) as err:
-        raise InvalidInputError(f"{args.tokens}: {err} (counting the file's images from 0)") from None
+        raise InputError(f"{args.tokens}: {err} (counting the file's images from 0)") from None
     out_dir = Path(args.output)
     names = output_names(sources)
     refuse_inputs_as_outputs([out_dir, *(out_dir / name for name in names)], [args.tokens])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
+from ..errors import InputError
 from ..length_report import threshold_candidates
 from ..length_rules import choose_iterations
 from ..stats import spearman
@@ -55,7 +55,7 @@ def best_allocation(errors: Tensor, units_per_image: float) -> Tensor:
     num_images, iterations = errors.shape
     capacity = int(math.floor(units_per_image * num_images + 1e-9))
     if capacity < num_images:
-        raise InvalidInputError(f"units_per_image must be at least 1 (every image takes one iteration), "
+        raise InputError(f"units_per_image must be at least 1 (every image takes one iteration), "
                          f"got {units_per_image}")
     values = errors.double().numpy()
     best = np.zeros(capacity + 1)  # best[u]: least summed error of the images so far using at most u iterations
@@ -102,7 +102,7 @@ def parse_thresholds(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise InvalidInputError(f"--thresholds takes comma-separated non-negative numbers (target errors: mean absolute "
+        raise InputError(f"--thresholds takes comma-separated non-negative numbers (target errors: mean absolute "
                          f"pixel error in [0, 1] units, see halt_threshold), e.g. 0.05,0.07, got {text!r}")
     return sorted(set(values))
 

@@ -75,7 +75,8 @@ def measure_batch(tok: AdaptiveTokenizer, inputs: Tensor, max_tokens: int | None
                                                                                            Tensor, Tensor]:
     """The tables of :class:`Measurements` for one batch ``[n, 3, R, R]``, with the reconstructions ``[n, I, 3, R,
     R]`` and the base's ``[n, 3, R, R]``."""
-    pixels, errors = tok.reconstructions(inputs, max_tokens=max_tokens, batch_size=len(inputs))  # [n, I, 3, R, R], [n, I]
+    # [n, I, 3, R, R], [n, I]
+    pixels, errors = tok.reconstructions(inputs, max_tokens=max_tokens, batch_size=len(inputs))
     n, iterations = errors.shape
     flat = pixels.flatten(0, 1)
     targets = inputs[:, None].expand_as(pixels).flatten(0, 1)

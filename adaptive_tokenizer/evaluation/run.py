@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InputError
 from ..image_io import list_image_files, load_images
 from ..length_report import rules_report
 from ..tokenizer import AdaptiveTokenizer
@@ -82,17 +82,17 @@ def _check_arguments(folder: Path, max_images: int | None, thresholds: Sequence[
     """The image files to evaluate and the thresholds (sorted, distinct); ValueError for a bad argument."""
     paths = list_image_files(folder)  # FileNotFoundError when not a folder
     if not paths:
-        raise InvalidInputError(f"no image files in folder {folder}")
+        raise InputError(f"no image files in folder {folder}")
     if max_images is not None:
         if max_images < 1:
-            raise InvalidInputError(f"max_images must be at least 1, got {max_images}")
+            raise InputError(f"max_images must be at least 1, got {max_images}")
         paths = paths[:max_images]
     if thresholds is not None:
         thresholds = sorted({float(t) for t in thresholds})
         if not thresholds or not all(math.isfinite(t) and t >= 0 for t in thresholds):
-            raise InvalidInputError(f"thresholds must be non-negative numbers, got {thresholds}")
+            raise InputError(f"thresholds must be non-negative numbers, got {thresholds}")
     if batch_size < 1:
-        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
     return paths, thresholds
 
 
